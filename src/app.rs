@@ -1,0 +1,200 @@
+//! Composition root: builds the source, the proxier and their tasks from a configuration, owns
+//! the root cancellation token and the task tracker, and shuts everything down in order.
+//!
+//! Shutdown: cancel → the proxier stops accepting on every listener → established connections
+//! drain for `shutdownGracePeriod` → whatever is left is cut → exit. Portals stay in place, as
+//! kube-proxy leaves its rules; the next start flushes and re-installs them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::file::ConfigFile;
+use crate::config::{self, Overrides, PortalMode, Settings};
+use crate::proxier::rules::{self, bind::Bind, iptables::Iptables, Backend};
+use crate::proxier::{self, Options, Proxier, Status};
+use crate::source::file::{self as file_source, FileSource};
+use crate::source::SourceStats;
+
+/// The configuration shipped inside the binary, used when no `--config` is given.
+pub const EMBEDDED_CONFIG: &str = include_str!("../config.example.yaml");
+
+/// Startup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[from] config::Error),
+    /// The proxier could not start.
+    #[error("cannot start the proxier")]
+    Proxier(#[from] proxier::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// A configuration loaded and validated, ready to run.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The file (or `None` for the embedded default).
+    pub path: Option<PathBuf>,
+    /// Its text.
+    pub text: String,
+    /// Parsed file, with flags applied to its configuration.
+    pub file: ConfigFile,
+    /// Validated settings.
+    pub settings: Settings,
+    /// The flags, re-applied on every reload.
+    pub overrides: Overrides,
+}
+
+/// Loads and validates everything before anything is bound or installed.
+///
+/// # Errors
+/// The file cannot be read or is invalid in any document.
+pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, config::Error> {
+    let (origin, text) = match &path {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).map_err(|source| config::Error::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+        ),
+        None => (
+            "<embedded default>".to_string(),
+            EMBEDDED_CONFIG.to_string(),
+        ),
+    };
+    let mut file = ConfigFile::parse(&origin, &text)?;
+    file.proxy.apply(&overrides)?;
+    let settings = file.settings()?;
+    // Build the state once now so object errors stop the start too.
+    file.desired_state(&settings)?;
+    Ok(Loaded {
+        path,
+        text,
+        file,
+        settings,
+        overrides,
+    })
+}
+
+/// The portal backend the settings ask for.
+pub fn backend_for(settings: &Settings) -> Backend {
+    match settings.portal_mode {
+        PortalMode::Iptables => Backend::Iptables(Iptables::new(
+            &settings.iptables_command,
+            settings.bind_address,
+            settings.netfilter_extensions,
+        )),
+        PortalMode::Bind => Backend::Bind(Bind::new(&settings.portal_interface)),
+        PortalMode::None => Backend::None,
+    }
+}
+
+/// Removes everything any portal mode installs (`--cleanup`): iptables chains and jump rules
+/// (for every iptables flavour present) and labelled service addresses.
+///
+/// # Errors
+/// Something exists but cannot be removed.
+pub fn cleanup(settings: &Settings) -> Result<(), rules::Error> {
+    let mut first = None;
+    for cmd in ["iptables", "iptables-legacy", "iptables-nft"] {
+        if rules::run(cmd, &["--version"], None).is_err() {
+            continue;
+        }
+        if let Err(e) =
+            Iptables::new(cmd, settings.bind_address, settings.netfilter_extensions).cleanup()
+        {
+            first.get_or_insert(e);
+        }
+    }
+    match Bind::cleanup(&settings.portal_interface) {
+        Ok(n) if n > 0 => {
+            info!(removed = n, interface = %settings.portal_interface, "removed service addresses")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Running {
+    /// Proxier status snapshots.
+    pub status: watch::Receiver<Arc<Status>>,
+    /// Source counters.
+    pub source: Arc<SourceStats>,
+    /// Cancel to stop.
+    pub cancel: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the proxy has stopped (after `cancel`).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// Stops and waits.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.wait().await;
+    }
+}
+
+/// Starts the proxy. `hup` delivers reload requests (SIGHUP in the binary). Portals are
+/// initialised before this returns, so a setup error is returned, not logged.
+///
+/// # Errors
+/// Portals cannot be initialised.
+pub fn start(loaded: Loaded, backend: Backend, hup: mpsc::Receiver<()>) -> Result<Running, Error> {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let kill = CancellationToken::new();
+    let opts = Options::from_settings(&loaded.settings);
+    let grace = loaded.settings.shutdown_grace_period;
+    let mut proxier = Proxier::new(opts, backend, tracker.clone(), kill.clone());
+    proxier.init()?;
+    let status = proxier.status();
+    let initial = file_source::desired_from(&loaded.file, &loaded.settings)?;
+    let source = FileSource::new(
+        loaded.path.clone(),
+        &loaded.file,
+        loaded.text,
+        loaded.settings.clone(),
+        loaded.overrides,
+    );
+    let source_stats = source.stats();
+    let (tx, rx) = watch::channel(None);
+    tracker.spawn(source.run(initial, tx, hup, cancel.clone()));
+    let root = cancel.clone();
+    let done = tokio::spawn(async move {
+        let mut proxier = proxier.run(rx, root).await;
+        proxier.stop_listening();
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "connections still open after the grace period; closing them"
+            );
+        }
+        kill.cancel();
+        tracker.wait().await;
+        info!("stopped");
+    });
+    Ok(Running {
+        status,
+        source: source_stats,
+        cancel,
+        done,
+    })
+}

@@ -1,0 +1,428 @@
+//! The configuration file: a multi-document YAML stream whose first document is the
+//! `KubeProxyConfiguration` and whose other documents are standard Kubernetes objects
+//! (`v1 Service`, `v1 Endpoints`, `discovery.k8s.io/v1 EndpointSlice`).
+//!
+//! Parsing and building the [`DesiredState`] are pure functions of the text, so a reload can be
+//! fully checked before anything running is touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize;
+
+use super::{Error, KubeProxyConfiguration, Result, Settings, API_VERSION, KIND};
+use crate::model::{self, cluster_ip, convert, DesiredState, ServicePortName};
+
+/// A parsed configuration file.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    /// Where it came from (a path, or `<embedded default>`), for error texts.
+    pub origin: String,
+    /// The proxy configuration (defaults if the file has none).
+    pub proxy: KubeProxyConfiguration,
+    /// Document number of the proxy configuration (0 if absent).
+    pub proxy_document: usize,
+    /// Services with their document numbers.
+    pub services: Vec<(usize, Service)>,
+    /// Endpoints with their document numbers.
+    pub endpoints: Vec<(usize, Endpoints)>,
+    /// EndpointSlices with their document numbers.
+    pub slices: Vec<(usize, EndpointSlice)>,
+}
+
+/// Something in the file that is deliberately not proxied, for a log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// `Service ns/name` or `ns/name:port`.
+    pub what: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn typed<T: for<'de> Deserialize<'de>>(
+    origin: &str,
+    document: usize,
+    object: &str,
+    value: serde_yaml::Value,
+) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        Error::Field {
+            origin: origin.into(),
+            document,
+            object: object.into(),
+            field: if field == "." {
+                "(document)".into()
+            } else {
+                field
+            },
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+fn meta_name(value: &serde_yaml::Value) -> String {
+    let meta = value.get("metadata");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    format!("{ns}/{name}")
+}
+
+impl ConfigFile {
+    /// Parses every document of `text`. `origin` names the file in errors.
+    ///
+    /// # Errors
+    /// YAML syntax errors, unknown kinds, unknown or invalid fields, duplicate objects: each
+    /// naming the file, the document and the field.
+    pub fn parse(origin: &str, text: &str) -> Result<Self> {
+        let mut out = ConfigFile {
+            origin: origin.into(),
+            proxy: KubeProxyConfiguration::default(),
+            proxy_document: 0,
+            services: Vec::new(),
+            endpoints: Vec::new(),
+            slices: Vec::new(),
+        };
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let document = i + 1;
+            let value = serde_yaml::Value::deserialize(doc).map_err(|e| Error::Document {
+                origin: origin.into(),
+                document,
+                message: format!("not valid YAML: {e}"),
+            })?;
+            if value.is_null() {
+                continue; // an empty document, e.g. a trailing `---`
+            }
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or("")
+                .to_string();
+            let api_version = value
+                .get("apiVersion")
+                .and_then(|k| k.as_str())
+                .unwrap_or("")
+                .to_string();
+            let label = if kind == KIND {
+                KIND.to_string()
+            } else {
+                format!("{kind} {}", meta_name(&value))
+            };
+            if kind != KIND {
+                if let Some(first) = seen.insert(label.clone(), document) {
+                    return Err(Error::Document {
+                        origin: origin.into(),
+                        document,
+                        message: format!("{label} is defined twice (first in document {first})"),
+                    });
+                }
+            }
+            match (api_version.as_str(), kind.as_str()) {
+                (API_VERSION, KIND) => {
+                    if document != 1 {
+                        return Err(Error::Document {
+                            origin: origin.into(),
+                            document,
+                            message: format!("{KIND} must be the first document"),
+                        });
+                    }
+                    out.proxy = typed(origin, document, KIND, value)?;
+                    out.proxy_document = document;
+                }
+                ("v1", "Service") => out.services.push((document, typed(origin, document, &label, value)?)),
+                ("v1", "Endpoints") => out.endpoints.push((document, typed(origin, document, &label, value)?)),
+                ("discovery.k8s.io/v1", "EndpointSlice") => out.slices.push((document, typed(origin, document, &label, value)?)),
+                _ => {
+                    return Err(Error::Document {
+                        origin: origin.into(),
+                        document,
+                        message: format!(
+                            "unsupported object apiVersion={api_version:?} kind={kind:?} (expected {API_VERSION} {KIND}, v1 Service, v1 Endpoints or discovery.k8s.io/v1 EndpointSlice)"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Validates the proxy configuration (after `apply`ing flags to `self.proxy`).
+    ///
+    /// # Errors
+    /// The first invalid field.
+    pub fn settings(&self) -> Result<Settings> {
+        self.proxy.validate(&self.origin, self.proxy_document)
+    }
+
+    /// Builds the desired state the file describes: cluster IPs allocated for services that name
+    /// none, endpoints merged, skipped objects reported.
+    ///
+    /// # Errors
+    /// Invalid fields, a cluster IP outside the service range, or two service ports on the same
+    /// `ClusterIP:port/protocol`, each naming the document and the object.
+    pub fn desired_state(&self, settings: &Settings) -> Result<(DesiredState, Vec<Skipped>)> {
+        let field_err = |document: usize, e: convert::Error| Error::Field {
+            origin: self.origin.clone(),
+            document,
+            object: e.object,
+            field: e.field,
+            message: e.message,
+        };
+        let mut skipped = Vec::new();
+        let mut wanted: Vec<(usize, &Service)> = Vec::new();
+        let mut explicit: BTreeMap<String, Option<IpAddr>> = BTreeMap::new();
+        let mut doc_of: HashMap<String, usize> = HashMap::new();
+        for (document, svc) in &self.services {
+            let (ns, name) = convert::namespaced_name(&svc.metadata);
+            if let Some(skip) = convert::skip_service(svc, true) {
+                skipped.push(Skipped {
+                    what: format!("Service {ns}/{name}"),
+                    reason: skip.reason().into(),
+                });
+                continue;
+            }
+            let ip = convert::explicit_cluster_ip(svc).map_err(|e| field_err(*document, e))?;
+            explicit.insert(format!("{ns}/{name}"), ip);
+            doc_of.insert(format!("{ns}/{name}"), *document);
+            wanted.push((*document, svc));
+        }
+        let ips = cluster_ip::assign(&settings.service_cidr, &explicit).map_err(|e| {
+            let (service, field) = match &e {
+                cluster_ip::Error::OutsideRange { service, .. }
+                | cluster_ip::Error::Exhausted { service, .. } => {
+                    (service.clone(), "spec.clusterIP")
+                }
+            };
+            let message = match &e {
+                cluster_ip::Error::OutsideRange { ip, range, .. } => {
+                    format!("{ip} is outside the service range {range} (serviceClusterIPRange)")
+                }
+                cluster_ip::Error::Exhausted { range, .. } => {
+                    format!("no free address left in {range}")
+                }
+            };
+            Error::Field {
+                origin: self.origin.clone(),
+                document: doc_of.get(&service).copied().unwrap_or(0),
+                object: format!("Service {service}"),
+                field: field.into(),
+                message,
+            }
+        })?;
+
+        let mut state = DesiredState::default();
+        let mut portal_owner: HashMap<(IpAddr, u16, model::Protocol), ServicePortName> =
+            HashMap::new();
+        for (document, svc) in wanted {
+            let (ns, name) = convert::namespaced_name(&svc.metadata);
+            let ip = ips[&format!("{ns}/{name}")];
+            let (ports, skipped_ports) =
+                convert::service_ports(svc, ip).map_err(|e| field_err(document, e))?;
+            skipped.extend(skipped_ports.into_iter().map(|s| Skipped {
+                what: s.name.to_string(),
+                reason: s.reason,
+            }));
+            for (i, port) in ports.into_iter().enumerate() {
+                if let Some(other) = portal_owner.insert(
+                    (port.cluster_ip, port.port, port.protocol),
+                    port.name.clone(),
+                ) {
+                    return Err(Error::Field {
+                        origin: self.origin.clone(),
+                        document,
+                        object: format!("Service {ns}/{name}"),
+                        field: format!("spec.ports[{i}].port"),
+                        message: format!(
+                            "{}:{}/{} is already used by {other}",
+                            port.cluster_ip, port.port, port.protocol
+                        ),
+                    });
+                }
+                if state
+                    .services
+                    .insert(port.name.clone(), port.clone())
+                    .is_some()
+                {
+                    return Err(Error::Field {
+                        origin: self.origin.clone(),
+                        document,
+                        object: format!("Service {ns}/{name}"),
+                        field: format!("spec.ports[{i}].name"),
+                        message: format!("port name {:?} is used twice", port.name.port),
+                    });
+                }
+            }
+        }
+
+        // Endpoints: slices win over a v1 Endpoints object for the same service, as in a
+        // cluster that has both (the EndpointSlice mirroring controller keeps them in step).
+        let mut slices_by_svc: BTreeMap<(String, String), Vec<(usize, &EndpointSlice)>> =
+            BTreeMap::new();
+        for (document, slice) in &self.slices {
+            let Some(key) = convert::slice_service(slice) else {
+                let (ns, n) = convert::namespaced_name(&slice.metadata);
+                return Err(Error::Field {
+                    origin: self.origin.clone(),
+                    document: *document,
+                    object: format!("EndpointSlice {ns}/{n}"),
+                    field: format!("metadata.labels[{}]", convert::LABEL_SERVICE_NAME),
+                    message: "missing: it names the service this slice belongs to".into(),
+                });
+            };
+            slices_by_svc
+                .entry(key)
+                .or_default()
+                .push((*document, slice));
+        }
+        let mut by_service: BTreeMap<(String, String), BTreeMap<String, Vec<model::Endpoint>>> =
+            BTreeMap::new();
+        for (key, group) in &slices_by_svc {
+            let first_doc = group[0].0;
+            let merged = convert::merge_slices(group.iter().map(|(_, s)| *s))
+                .map_err(|e| field_err(first_doc, e))?;
+            by_service.insert(key.clone(), merged);
+        }
+        for (document, ep) in &self.endpoints {
+            let key = convert::namespaced_name(&ep.metadata);
+            if by_service.contains_key(&key) {
+                continue;
+            }
+            by_service.insert(
+                key,
+                convert::endpoints_by_port(ep).map_err(|e| field_err(*document, e))?,
+            );
+        }
+        for ((ns, name), ports) in by_service {
+            for (port_name, eps) in ports {
+                let spn = ServicePortName::new(&ns, &name, port_name);
+                if state.services.contains_key(&spn) {
+                    state.endpoints.insert(spn, eps);
+                }
+            }
+        }
+        Ok((state, skipped))
+    }
+}
+
+/// Reads and parses a file.
+///
+/// # Errors
+/// The file cannot be read, or does not parse.
+pub fn load(path: &std::path::Path) -> Result<ConfigFile> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    ConfigFile::parse(&path.display().to_string(), &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: userspace\n";
+
+    fn state(text: &str) -> Result<DesiredState> {
+        let f = ConfigFile::parse("test.yaml", text)?;
+        let s = f.settings()?;
+        f.desired_state(&s).map(|(d, _)| d)
+    }
+
+    #[test]
+    fn services_get_stable_cluster_ips_and_endpoints() {
+        let text = format!(
+            "{HEAD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web}}\nsubsets: [{{addresses: [{{ip: 10.1.0.1}}], ports: [{{name: http, port: 8080}}]}}]\n"
+        );
+        let a = state(&text).unwrap();
+        let b = state(&text).unwrap();
+        let name = ServicePortName::new("default", "web", "http");
+        assert_eq!(a.services[&name].cluster_ip, b.services[&name].cluster_ip);
+        assert_eq!(a.endpoints[&name].len(), 1);
+    }
+
+    #[test]
+    fn errors_name_file_document_object_and_field() {
+        let text = format!("{HEAD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{ports: [{{port: notaport}}]}}\n");
+        let e = state(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("test.yaml")
+                && e.contains("document 2")
+                && e.contains("Service default/web")
+                && e.contains("spec.ports[0].port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_config_field_is_named() {
+        let e = ConfigFile::parse("f.yaml", &format!("{HEAD}udpIdleTimout: 1s\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f.yaml") && e.contains("document 1") && e.contains("udpIdleTimout"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_portal_is_an_error() {
+        let text = format!(
+            "{HEAD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{clusterIP: 10.96.0.5, ports: [{{port: 80}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: b}}\nspec: {{clusterIP: 10.96.0.5, ports: [{{port: 80}}]}}\n"
+        );
+        let e = state(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("document 3")
+                && e.contains("Service default/b")
+                && e.contains("already used by default/a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn headless_external_name_and_sctp_are_skipped() {
+        let text = format!(
+            "{HEAD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: h}}\nspec: {{clusterIP: None, ports: [{{port: 80}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: x}}\nspec: {{type: ExternalName, externalName: example.com}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{ports: [{{port: 9, protocol: SCTP}}]}}\n"
+        );
+        let f = ConfigFile::parse("t", &text).unwrap();
+        let (st, skipped) = f.desired_state(&f.settings().unwrap()).unwrap();
+        assert!(st.services.is_empty());
+        assert_eq!(skipped.len(), 3);
+    }
+
+    #[test]
+    fn unknown_kind_and_misplaced_config_are_errors() {
+        let e = ConfigFile::parse("t", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("document 1") && e.contains("unsupported object"),
+            "{e}"
+        );
+        let e = ConfigFile::parse(
+            "t",
+            &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\n---\n{HEAD}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be the first document"), "{e}");
+    }
+
+    #[test]
+    fn service_range_violation_names_the_service() {
+        let text = format!("{HEAD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: w, namespace: n}}\nspec: {{clusterIP: 192.0.2.1, ports: [{{port: 80}}]}}\n");
+        let e = state(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("document 2") && e.contains("Service n/w") && e.contains("spec.clusterIP"),
+            "{e}"
+        );
+    }
+}

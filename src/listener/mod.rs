@@ -1,0 +1,191 @@
+//! Data plane: one listener per service port, owned by the proxier through a [`Handle`].
+//!
+//! A listener is a bound socket (TCP or UDP) plus the tasks that serve it. Its lifetime has two
+//! tokens:
+//! - `accept`, cancelled when the service port is removed: no new connections or sessions, while
+//!   established TCP connections finish on their own (the original's behaviour, kept);
+//! - `kill`, shared by every listener, cancelled when the program stops after its grace period.
+//!
+//! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them.
+
+pub mod stats;
+pub mod tcp;
+pub mod udp;
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use socket2::{Domain, Socket, Type};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balancer::Balancer;
+use crate::model::{Protocol, ServicePortName};
+pub use stats::Stats;
+
+/// Dial timeouts for successive attempts, from kube-proxy (`EndpointDialTimeouts`): short first
+/// tries free descriptors fast when an endpoint is black-holed (kubernetes PR #15745).
+pub const DIAL_TIMEOUTS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// The original destinations a TCP listener accepts, when it is reached through portal rules.
+///
+/// A proxy port listens on the bind address, so without this check anyone who can reach a node
+/// address could reach any service, ClusterIP-only ones included, by connecting to its proxy
+/// port directly. Redirected connections carry their portal as `SO_ORIGINAL_DST`; direct ones
+/// do not, and are refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    /// `ip:port` portals (cluster, external and load-balancer IPs).
+    pub portals: HashSet<SocketAddr>,
+    /// NodePort: any local address on this port.
+    pub node_port: Option<u16>,
+}
+
+impl Allowed {
+    /// True when a connection whose original destination was `dst` came through a portal.
+    pub fn admits(&self, dst: SocketAddr) -> bool {
+        self.portals.contains(&dst) || self.node_port == Some(dst.port())
+    }
+}
+
+/// What a listener's tasks share with the proxier, which may update it in place.
+#[derive(Debug)]
+pub struct Shared {
+    /// The service port served.
+    pub name: ServicePortName,
+    /// Backend choice.
+    pub balancer: Arc<Balancer>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Portal check for TCP; `None` admits every connection.
+    pub allowed: ArcSwapOption<Allowed>,
+    /// UDP session idle timeout.
+    pub udp_idle_timeout: Duration,
+    /// Most UDP sessions at once.
+    pub udp_max_sessions: usize,
+    /// Bumped whenever the endpoint set changes, so UDP sessions can notice that their backend
+    /// may be gone without checking on every datagram.
+    pub generation: std::sync::atomic::AtomicU64,
+}
+
+/// The proxier's handle on a running listener.
+#[derive(Debug)]
+pub struct Handle {
+    /// Where it listens (the proxy port).
+    pub local_addr: SocketAddr,
+    /// State shared with its tasks.
+    pub shared: Arc<Shared>,
+    accept: CancellationToken,
+}
+
+impl Handle {
+    /// Stops accepting: the socket closes, established TCP connections continue until they end
+    /// (or until the program's kill token fires); UDP sessions end at once, as they share the
+    /// socket.
+    pub fn close(&self) {
+        self.accept.cancel();
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.accept.cancel();
+    }
+}
+
+/// Binds a socket for `protocol` on `addr` (port 0: kernel-chosen). `SO_REUSEADDR` lets a
+/// restarted proxy rebind ports whose old connections linger in TIME_WAIT.
+///
+/// # Errors
+/// The bind fails (address in use, not a local address, no permission).
+/// `freebind` allows binding an address that is not (yet) on the node, for `bind` portal mode.
+pub fn bind_socket(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::Result<Socket> {
+    let ty = match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    if freebind {
+        if addr.is_ipv4() {
+            socket.set_freebind_v4(true)?;
+        } else {
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Starts a listener for `shared.name` on `addr`, with its tasks on `tracker`. `kill` is the
+/// program-wide hard-stop token.
+///
+/// # Errors
+/// The socket cannot be bound.
+pub fn spawn(
+    protocol: Protocol,
+    addr: SocketAddr,
+    freebind: bool,
+    shared: Arc<Shared>,
+    tracker: &TaskTracker,
+    parent: &CancellationToken,
+    kill: &CancellationToken,
+) -> io::Result<Handle> {
+    let socket = bind_socket(protocol, addr, freebind)?;
+    let accept = parent.child_token();
+    let local_addr = match protocol {
+        Protocol::Tcp => {
+            socket.listen(4096)?;
+            let listener = tokio::net::TcpListener::from_std(socket.into())?;
+            let local = listener.local_addr()?;
+            tracker.spawn(tcp::accept_loop(
+                listener,
+                shared.clone(),
+                tracker.clone(),
+                accept.clone(),
+                kill.clone(),
+            ));
+            local
+        }
+        Protocol::Udp => {
+            // Bursts of datagrams must not be dropped by a small default buffer.
+            socket.set_recv_buffer_size(4 << 20).ok();
+            socket.set_send_buffer_size(4 << 20).ok();
+            let sock = tokio::net::UdpSocket::from_std(socket.into())?;
+            let local = sock.local_addr()?;
+            tracker.spawn(udp::serve(
+                Arc::new(sock),
+                shared.clone(),
+                tracker.clone(),
+                accept.clone(),
+                kill.clone(),
+            ));
+            local
+        }
+    };
+    Ok(Handle {
+        local_addr,
+        shared,
+        accept,
+    })
+}
+
+/// True for errors that mean "out of file descriptors or buffers": these are waited out, never
+/// fatal (the original panicked, taking every service on the node down with it).
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12).
+    matches!(e.raw_os_error(), Some(24) | Some(23) | Some(105) | Some(12))
+}

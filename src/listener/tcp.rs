@@ -1,0 +1,157 @@
+//! TCP: accept loop and per-connection splice.
+//!
+//! Unlike the original, the accept loop never waits on a backend: each connection gets its own
+//! task, which checks the portal, dials (escalating timeouts, next endpoint on failure, affinity
+//! ignored on retry), then splices both directions until both are closed. Half-close is
+//! propagated (`shutdown(Write)` on EOF), which the original dropped after its FD leaks; TCP
+//! keepalive reaps peers that vanish without a FIN, which is what leaked there.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::{is_resource_exhaustion, Shared, Stats, DIAL_TIMEOUTS};
+
+/// Keepalive timing: the first probe after 15 s idle, like Go's default on the original's
+/// sockets, then every 15 s; 4 lost probes end the connection.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Longest pause of the accept loop when descriptors run out.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Accepts until `accept` is cancelled. Resource exhaustion pauses with backoff instead of
+/// spinning or crashing.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    accept: CancellationToken,
+    kill: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let res = tokio::select! {
+            biased;
+            _ = accept.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match res {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                tracker.spawn(serve(stream, peer, shared.clone(), kill.clone()));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                Stats::add(&shared.stats.accept_errors, 1);
+                warn!(service = %shared.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed: out of descriptors or memory; pausing");
+                tokio::select! {
+                    _ = accept.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+            Err(e) => {
+                // ECONNABORTED and friends: the client gave up before we accepted it.
+                Stats::add(&shared.stats.accept_errors, 1);
+                debug!(service = %shared.name, error = %e, "accept failed");
+            }
+        }
+    }
+    debug!(service = %shared.name, "listener closed");
+}
+
+fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let addr = if local.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("original destination is not an inet address"))
+}
+
+fn tune(stream: &TcpStream) {
+    // Latency first: request/response traffic must not wait on Nagle.
+    stream.set_nodelay(true).ok();
+    let ka = TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE)
+        .with_retries(4);
+    SockRef::from(stream).set_tcp_keepalive(&ka).ok();
+}
+
+/// Dials a backend for a client: up to four attempts with escalating timeouts, each on the next
+/// endpoint. Returns `None` (the client is then closed) when there are no endpoints or every
+/// attempt failed.
+async fn dial(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
+    for (attempt, timeout) in DIAL_TIMEOUTS.iter().enumerate() {
+        let Some(endpoint) = shared.balancer.pick(peer.ip(), attempt > 0) else {
+            Stats::add(&shared.stats.no_endpoints, 1);
+            debug!(service = %shared.name, client.addr = %peer, "no endpoints; closing client connection");
+            return None;
+        };
+        match tokio::time::timeout(*timeout, TcpStream::connect(endpoint)).await {
+            Ok(Ok(stream)) => return Some((stream, endpoint)),
+            Ok(Err(e)) => {
+                Stats::add(&shared.stats.dial_failures, 1);
+                debug!(service = %shared.name, backend.addr = %endpoint, attempt, error = %e, "dial failed");
+            }
+            Err(_) => {
+                Stats::add(&shared.stats.dial_failures, 1);
+                debug!(service = %shared.name, backend.addr = %endpoint, attempt, timeout_ms = timeout.as_millis() as u64, "dial timed out");
+            }
+        }
+    }
+    warn!(service = %shared.name, client.addr = %peer, "failed to connect to an endpoint after {} attempts", DIAL_TIMEOUTS.len());
+    None
+}
+
+async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    kill: CancellationToken,
+) {
+    if let Some(allowed) = shared.allowed.load_full() {
+        match original_dst(&client) {
+            Ok(dst) if allowed.admits(dst) => {}
+            other => {
+                Stats::add(&shared.stats.rejected, 1);
+                debug!(service = %shared.name, client.addr = %peer, original_dst = ?other.ok(), "refused: connection did not come through a portal");
+                return;
+            }
+        }
+    }
+    let Some((mut backend, endpoint)) = dial(&shared, peer).await else {
+        return;
+    };
+    tune(&client);
+    tune(&backend);
+    let stats = &shared.stats;
+    Stats::add(&stats.connections_total, 1);
+    Stats::add(&stats.connections_active, 1);
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut backend) => Some(r),
+        _ = kill.cancelled() => None,
+    };
+    Stats::dec(&stats.connections_active);
+    match result {
+        Some(Ok((up, down))) => {
+            Stats::add(&stats.bytes_to_backend, up);
+            Stats::add(&stats.bytes_to_client, down);
+            debug!(service = %shared.name, client.addr = %peer, backend.addr = %endpoint, bytes.up = up, bytes.down = down, "connection closed");
+        }
+        Some(Err(e)) => {
+            debug!(service = %shared.name, client.addr = %peer, backend.addr = %endpoint, error = %e, "connection ended with an error")
+        }
+        None => debug!(service = %shared.name, client.addr = %peer, "connection cut at shutdown"),
+    }
+}

@@ -1,0 +1,210 @@
+//! The `userspace-proxy` binary: kube-proxy's flags, logging, signals and exit codes. The
+//! library does the work.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+use userspace_proxy::config::{self, Overrides, PortalMode};
+use userspace_proxy::proxier::rules::iptables::ExtensionsMode;
+use userspace_proxy::{app, signal};
+
+/// `EX_USAGE`: the configuration or the command line is wrong.
+const EX_USAGE: u8 = 64;
+
+/// Kubernetes' userspace service proxy, re-implemented.
+#[derive(Debug, Parser)]
+#[command(name = "userspace-proxy", version, about)]
+struct Cli {
+    /// Configuration file: a KubeProxyConfiguration, then Services, Endpoints and
+    /// EndpointSlices. Without it the embedded example configuration is used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Proxy mode; only `userspace` is implemented.
+    #[arg(long, value_name = "MODE")]
+    proxy_mode: Option<String>,
+    /// IP address proxy ports listen on (0.0.0.0 for all).
+    #[arg(long, value_name = "IP")]
+    bind_address: Option<String>,
+    /// Proxy port range: A-B, A or A+N; empty or 0 for kernel-chosen ports.
+    #[arg(long, value_name = "RANGE")]
+    proxy_port_range: Option<String>,
+    /// Idle timeout of UDP client sessions (e.g. 250ms).
+    #[arg(long, value_name = "DURATION")]
+    udp_timeout: Option<String>,
+    /// Node name to use instead of the hostname.
+    #[arg(long, value_name = "NAME")]
+    hostname_override: Option<String>,
+    /// Longest time between syncs (e.g. 30s).
+    #[arg(long, value_name = "DURATION")]
+    iptables_sync_period: Option<String>,
+    /// Shortest time between syncs (e.g. 1s).
+    #[arg(long, value_name = "DURATION")]
+    iptables_min_sync_period: Option<String>,
+    /// How traffic reaches the proxy: iptables rules, bind (no netfilter), or none.
+    #[arg(long, value_name = "MODE")]
+    portal_mode: Option<PortalMode>,
+    /// Rule shapes: auto, full (comment/addrtype/physdev/state), minimal (nat + REDIRECT only).
+    #[arg(long, value_name = "MODE", value_parser = parse_extensions)]
+    netfilter_extensions: Option<ExtensionsMode>,
+    /// iptables command: iptables, iptables-legacy or iptables-nft.
+    #[arg(long, value_name = "COMMAND")]
+    iptables_command: Option<String>,
+    /// Remove every rule, chain and address this program installs, then exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Log verbosity, as kube-proxy's -v (0-1 info, 2-4 debug, 5+ trace).
+    #[arg(short = 'v', long = "v", value_name = "N", default_value_t = 0)]
+    verbosity: u8,
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn parse_extensions(s: &str) -> Result<ExtensionsMode, String> {
+    match s {
+        "auto" => Ok(ExtensionsMode::Auto),
+        "full" => Ok(ExtensionsMode::Full),
+        "minimal" => Ok(ExtensionsMode::Minimal),
+        o => Err(format!(
+            "unknown value {o:?} (expected auto, full or minimal)"
+        )),
+    }
+}
+
+fn init_logging(verbosity: u8, format: &str) -> Result<(), String> {
+    let level = match verbosity {
+        0 | 1 => "info",
+        2..=4 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "warn,userspace_proxy={level},userspace_proxy_bin={level}"
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => builder.init(),
+        "json" => builder.json().init(),
+        o => {
+            return Err(format!(
+                "--log-format: unknown format {o:?} (expected text or json)"
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.verbosity, &cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let overrides = Overrides {
+        proxy_mode: cli.proxy_mode.clone(),
+        bind_address: cli.bind_address.clone(),
+        port_range: cli.proxy_port_range.clone(),
+        udp_timeout: cli.udp_timeout.clone(),
+        hostname_override: cli.hostname_override.clone(),
+        portal_mode: cli.portal_mode,
+        sync_period: cli.iptables_sync_period.clone(),
+        min_sync_period: cli.iptables_min_sync_period.clone(),
+        netfilter_extensions: cli.netfilter_extensions,
+        iptables_command: cli.iptables_command.clone(),
+        ..Default::default()
+    };
+    if cli.config.is_none() && !cli.cleanup {
+        warn!("no --config given: serving the embedded example configuration");
+    }
+    let loaded = match app::load(cli.config.clone(), overrides) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if cli.cleanup {
+        return match app::cleanup(&loaded.settings) {
+            Ok(()) => {
+                info!("cleanup done");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!(
+                    "encountered an error while tearing down rules: {}",
+                    error_chain(&e)
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(loaded))
+}
+
+async fn run(loaded: app::Loaded) -> ExitCode {
+    if !loaded.file.proxy.client_connection.kubeconfig.is_empty() {
+        warn!("clientConnection.kubeconfig is set, but this build serves services from the configuration file only");
+    }
+    if let Some(adj) = loaded.settings.oom_score_adj {
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+            warn!(error = %e, oom_score_adj = adj, "cannot set oom_score_adj");
+        }
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode = config::MODE,
+        portal_mode = ?loaded.settings.portal_mode,
+        bind_address = %loaded.settings.bind_address,
+        node = %loaded.settings.hostname,
+        "Using userspace Proxier"
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    if let Err(e) = signal::cancel_on_shutdown(shutdown.clone()) {
+        eprintln!("error: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let hup = match signal::hangups(shutdown.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let backend = app::backend_for(&loaded.settings);
+    let running = match app::start(loaded, backend, hup) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    shutdown.cancelled().await;
+    running.stop().await;
+    ExitCode::SUCCESS
+}
+
+/// `outer: cause: cause`, each cause once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

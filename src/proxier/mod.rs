@@ -1,0 +1,585 @@
+//! How the node is made to match what the cluster wants: the only code that changes node state.
+//!
+//! The proxier receives whole [`DesiredState`] snapshots on a `watch` channel (bursts coalesce
+//! for free), paces syncs like kube-proxy (burst of 2, then one per `minSyncPeriod`, and at
+//! least one per `syncPeriod`), and applies each sync in a fixed order:
+//!
+//! 1. plan (pure): which ports open, are replaced, updated or closed;
+//! 2. bind new listeners (a socket is held before any rule points at it);
+//! 3. update balancers and portal guards in place (live connections keep their backend);
+//! 4. write all portals in one transaction;
+//! 5. close listeners no rule points at any more, release their ports, flush UDP conntrack.
+//!
+//! A failure on one service port (its NodePort is taken, no proxy port is free) is logged and
+//! shown in the status for that port only; the next sync retries it.
+
+pub mod pacing;
+pub mod plan;
+pub mod port_allocator;
+pub mod rules;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use socket2::Socket;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::balancer::Balancer;
+use crate::config::{PortRange, PortalMode, Settings};
+use crate::listener::{self, Allowed, Shared, Stats};
+use crate::model::{Affinity, DesiredState, Protocol, ServicePort, ServicePortName};
+use plan::{ListenKey, Plan};
+use port_allocator::PortAllocator;
+use rules::{Backend, NodeAddrs, Portal};
+
+/// What the proxier needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Address proxy ports listen on.
+    pub bind_address: IpAddr,
+    /// Proxy port range.
+    pub port_range: PortRange,
+    /// UDP idle timeout.
+    pub udp_idle_timeout: Duration,
+    /// Most UDP sessions per port.
+    pub udp_max_sessions: usize,
+    /// Longest time between syncs.
+    pub sync_period: Duration,
+    /// Shortest time between syncs after a burst of 2.
+    pub min_sync_period: Duration,
+    /// This node's name (for `Local` traffic policies).
+    pub node_name: String,
+    /// Portal mode.
+    pub portal_mode: PortalMode,
+}
+
+impl Options {
+    /// Options from validated settings.
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            bind_address: s.bind_address,
+            port_range: s.port_range.clone(),
+            udp_idle_timeout: s.udp_idle_timeout,
+            udp_max_sessions: s.udp_max_sessions,
+            sync_period: s.sync_period,
+            min_sync_period: s.min_sync_period,
+            node_name: s.hostname.clone(),
+            portal_mode: s.portal_mode,
+        }
+    }
+}
+
+/// One service port as it is on the node.
+#[derive(Debug)]
+struct Applied {
+    key: ListenKey,
+    spec: ServicePort,
+    proxy_port: u16,
+    handles: Vec<listener::Handle>,
+    shared: Arc<Shared>,
+    /// A socket bound (not listening) on the NodePort, so nothing else on the node takes it.
+    node_port_claim: Option<(u16, Socket)>,
+}
+
+/// The state of one service port, for `status` and tests.
+#[derive(Clone, Debug)]
+pub struct PortStatus {
+    /// `namespace/name:port`.
+    pub name: ServicePortName,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// `ip:port` portals.
+    pub portals: Vec<SocketAddr>,
+    /// NodePort, if any.
+    pub node_port: Option<u16>,
+    /// Where its listener(s) are bound.
+    pub listen: Vec<SocketAddr>,
+    /// Endpoints in rotation.
+    pub endpoints: Vec<SocketAddr>,
+    /// Live counters.
+    pub stats: Option<Arc<Stats>>,
+    /// Why it is not served, if it is not.
+    pub error: Option<String>,
+}
+
+impl PortStatus {
+    /// The proxy port clients are redirected to (the first listener's port).
+    pub fn proxy_port(&self) -> Option<u16> {
+        self.listen.first().map(|a| a.port())
+    }
+}
+
+/// A snapshot of what the proxier has applied.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Completed syncs.
+    pub syncs: u64,
+    /// When the last sync finished.
+    pub last_sync: Option<SystemTime>,
+    /// When the snapshot being applied arrived (kube-proxy's "queued update").
+    pub last_queued: Option<SystemTime>,
+    /// Duration of the last sync.
+    pub last_sync_duration: Duration,
+    /// Error of the last portal write, if it failed.
+    pub rules_error: Option<String>,
+    /// Portal writes that failed, ever.
+    pub rules_failures: u64,
+    /// Every service port, by name.
+    pub ports: BTreeMap<ServicePortName, PortStatus>,
+}
+
+impl Status {
+    /// The status of one port.
+    pub fn port(&self, namespace: &str, name: &str, port: &str) -> Option<&PortStatus> {
+        self.ports.get(&ServicePortName::new(namespace, name, port))
+    }
+}
+
+/// Proxier failures that stop it from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The portal backend could not be prepared.
+    #[error("failed to initialise portals")]
+    Init(#[source] rules::Error),
+}
+
+/// The proxier: owns listeners, portals and the port allocator.
+#[derive(Debug)]
+pub struct Proxier {
+    opts: Options,
+    backend: Backend,
+    allocator: PortAllocator,
+    applied: BTreeMap<ServicePortName, Applied>,
+    failures: BTreeMap<ServicePortName, String>,
+    tracker: TaskTracker,
+    listeners: CancellationToken,
+    kill: CancellationToken,
+    status: watch::Sender<Arc<Status>>,
+    counters: Status,
+}
+
+fn listen_key(opts: &Options, spec: &ServicePort) -> ListenKey {
+    let binds = if opts.portal_mode == PortalMode::Bind {
+        bind_addrs(spec)
+    } else {
+        Vec::new()
+    };
+    ListenKey {
+        protocol: spec.protocol,
+        binds,
+    }
+}
+
+/// Addresses a `bind`-mode service port listens on: every portal, and the NodePort on all
+/// addresses.
+fn bind_addrs(spec: &ServicePort) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = spec.portal_addrs().collect();
+    if let Some(np) = spec.node_port {
+        let any: IpAddr = if spec.cluster_ip.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        };
+        v.push(SocketAddr::new(any, np));
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn affinity_timeout(a: Affinity) -> Option<Duration> {
+    match a {
+        Affinity::None => None,
+        Affinity::ClientIp { timeout } => Some(timeout),
+    }
+}
+
+fn allowed_for(spec: &ServicePort) -> Allowed {
+    Allowed {
+        portals: spec.portal_addrs().collect(),
+        node_port: spec.node_port,
+    }
+}
+
+impl Proxier {
+    /// A proxier with `backend` for portals. Tasks are spawned on `tracker`; `kill` ends every
+    /// connection at once (after the drain period).
+    pub fn new(
+        opts: Options,
+        backend: Backend,
+        tracker: TaskTracker,
+        kill: CancellationToken,
+    ) -> Self {
+        let (status, _) = watch::channel(Arc::new(Status::default()));
+        Self {
+            allocator: PortAllocator::new(&opts.port_range),
+            opts,
+            backend,
+            applied: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            tracker,
+            listeners: CancellationToken::new(),
+            kill,
+            status,
+            counters: Status::default(),
+        }
+    }
+
+    /// Status snapshots, updated after every sync.
+    pub fn status(&self) -> watch::Receiver<Arc<Status>> {
+        self.status.subscribe()
+    }
+
+    /// Prepares portals (flushing a previous run's leftovers).
+    ///
+    /// # Errors
+    /// The portal backend cannot be prepared.
+    pub fn init(&mut self) -> Result<(), Error> {
+        self.backend.init().map_err(Error::Init)
+    }
+
+    fn claim_node_port(&self, spec: &ServicePort) -> Result<Option<(u16, Socket)>, String> {
+        let Some(np) = spec.node_port else {
+            return Ok(None);
+        };
+        if self.opts.portal_mode != PortalMode::Iptables {
+            return Ok(None); // bind mode listens on the NodePort itself; none has no NodePorts
+        }
+        let any: IpAddr = if spec.cluster_ip.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        };
+        // bind() without listen(): the port is ours, but a connection that races the rules is
+        // refused instead of queueing on a socket nobody accepts (kubernetes PR #108496).
+        listener::bind_socket(spec.protocol, SocketAddr::new(any, np), false)
+            .map(|s| Some((np, s)))
+            .map_err(|e| {
+                format!(
+                    "node port {np}/{} is already in use on this node: {e}",
+                    spec.protocol
+                )
+            })
+    }
+
+    fn open(&mut self, spec: &ServicePort, backends: Vec<SocketAddr>) -> Result<Applied, String> {
+        let node_port_claim = self.claim_node_port(spec)?;
+        let shared = Arc::new(Shared {
+            name: spec.name.clone(),
+            balancer: Arc::new(Balancer::new(backends, affinity_timeout(spec.affinity))),
+            stats: Arc::new(Stats::default()),
+            allowed: ArcSwapOption::from_pointee(None),
+            udp_idle_timeout: self.opts.udp_idle_timeout,
+            udp_max_sessions: self.opts.udp_max_sessions,
+            generation: Default::default(),
+        });
+        if self.backend.guards_by_original_dst() {
+            shared.allowed.store(Some(Arc::new(allowed_for(spec))));
+        }
+        let key = listen_key(&self.opts, spec);
+        let mut handles = Vec::new();
+        let proxy_port;
+        if self.opts.portal_mode == PortalMode::Bind {
+            for addr in &key.binds {
+                let h = listener::spawn(
+                    spec.protocol,
+                    *addr,
+                    true,
+                    shared.clone(),
+                    &self.tracker,
+                    &self.listeners,
+                    &self.kill,
+                )
+                .map_err(|e| format!("cannot listen on {addr}/{}: {e}", spec.protocol))?;
+                handles.push(h);
+            }
+            proxy_port = spec.port;
+        } else {
+            let mut last_err = String::from("no free port left in the proxy port range");
+            let mut bound = None;
+            for candidate in self.allocator.candidates() {
+                let addr = SocketAddr::new(self.opts.bind_address, candidate);
+                match listener::spawn(
+                    spec.protocol,
+                    addr,
+                    false,
+                    shared.clone(),
+                    &self.tracker,
+                    &self.listeners,
+                    &self.kill,
+                ) {
+                    Ok(h) => {
+                        bound = Some(h);
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        last_err = format!("port {candidate} in use");
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(format!("cannot listen on {addr}/{}: {e}", spec.protocol))
+                    }
+                }
+            }
+            let h = bound.ok_or(last_err)?;
+            proxy_port = h.local_addr.port();
+            self.allocator.mark(proxy_port);
+            handles.push(h);
+        }
+        Ok(Applied {
+            key,
+            spec: spec.clone(),
+            proxy_port,
+            handles,
+            shared,
+            node_port_claim,
+        })
+    }
+
+    fn retire(&mut self, a: Applied) {
+        for h in &a.handles {
+            h.close();
+        }
+        self.allocator.release(a.proxy_port);
+        if a.spec.protocol == Protocol::Udp {
+            for portal in a.spec.portal_addrs() {
+                if let Err(e) = self.backend.flush_udp_conntrack(portal.ip(), portal.port()) {
+                    debug!(service = %a.spec.name, %portal, error = %e, "conntrack flush failed");
+                }
+            }
+        }
+        info!(service = %a.spec.name, protocol = %a.spec.protocol, proxy_port = a.proxy_port, "closed service port");
+    }
+
+    /// Applies one desired state now (no pacing). Returns the plan that was carried out.
+    pub fn sync(&mut self, desired: &DesiredState) -> Plan {
+        let started = Instant::now();
+        let node = NodeAddrs::discover();
+        let want: BTreeMap<ServicePortName, (ListenKey, ServicePort)> = desired
+            .services
+            .iter()
+            .map(|(n, s)| (n.clone(), (listen_key(&self.opts, s), s.clone())))
+            .collect();
+        let current: BTreeMap<ServicePortName, (ListenKey, ServicePort)> = self
+            .applied
+            .iter()
+            .map(|(n, a)| (n.clone(), (a.key.clone(), a.spec.clone())))
+            .collect();
+        let plan = plan::plan(&current, &want);
+        let mut retired = Vec::new();
+        self.failures.retain(|n, _| want.contains_key(n));
+
+        for name in plan.open.iter().chain(&plan.replace) {
+            let spec = &want[name].1;
+            // The old listener of a replaced port goes first when it holds the NodePort claim
+            // the new one needs; otherwise it lives until the rules point elsewhere.
+            if let Some(old) = self.applied.remove(name) {
+                retired.push(old);
+            }
+            if let Some(pos) = retired.iter().position(|r| r.spec.name == *name) {
+                retired[pos].node_port_claim = None;
+            }
+            match self.open(spec, desired.backends(name, &self.opts.node_name)) {
+                Ok(a) => {
+                    info!(service = %name, protocol = %spec.protocol, portals = ?spec.portal_addrs().collect::<Vec<_>>(), node_port = ?spec.node_port, proxy_port = a.proxy_port, "opened service port");
+                    self.failures.remove(name);
+                    self.applied.insert(name.clone(), a);
+                }
+                Err(e) => {
+                    error!(service = %name, error = %e, "cannot open service port");
+                    self.failures.insert(name.clone(), e);
+                }
+            }
+        }
+        for name in &plan.update {
+            let spec = want[name].1.clone();
+            let needs_claim = self
+                .applied
+                .get(name)
+                .is_some_and(|a| a.spec.node_port != spec.node_port);
+            let claim = if needs_claim {
+                if let Some(a) = self.applied.get_mut(name) {
+                    a.node_port_claim = None;
+                }
+                match self.claim_node_port(&spec) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        error!(service = %name, error = %e, "cannot update service port");
+                        self.failures.insert(name.clone(), e);
+                        if let Some(old) = self.applied.remove(name) {
+                            retired.push(old);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let guard = self.backend.guards_by_original_dst();
+            if let Some(a) = self.applied.get_mut(name) {
+                if needs_claim {
+                    a.node_port_claim = claim;
+                }
+                if guard {
+                    a.shared.allowed.store(Some(Arc::new(allowed_for(&spec))));
+                }
+                info!(service = %name, portals = ?spec.portal_addrs().collect::<Vec<_>>(), node_port = ?spec.node_port, proxy_port = a.proxy_port, "updated service port in place");
+                a.spec = spec;
+            }
+        }
+        for name in &plan.close {
+            if let Some(a) = self.applied.remove(name) {
+                retired.push(a);
+            }
+        }
+
+        let mut flush = Vec::new();
+        for (name, a) in &self.applied {
+            let backends = desired.backends(name, &self.opts.node_name);
+            if a.shared
+                .balancer
+                .update(&backends, affinity_timeout(a.spec.affinity))
+            {
+                a.shared.generation.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %name, endpoints = ?backends, "endpoints changed");
+                if a.spec.protocol == Protocol::Udp {
+                    flush.extend(a.spec.portal_addrs());
+                }
+            }
+            a.shared.balancer.expire_pins();
+        }
+
+        let portals: Vec<Portal> = self
+            .applied
+            .values()
+            .map(|a| Portal {
+                service: a.spec.clone(),
+                proxy_port: a.proxy_port,
+            })
+            .collect();
+        match self.backend.sync(&portals, &node) {
+            Ok(written) => {
+                if written {
+                    debug!(portals = portals.len(), "portals written");
+                }
+                self.counters.rules_error = None;
+            }
+            Err(e) => {
+                error!(error = %e, "failed to write portals; will retry");
+                self.counters.rules_error = Some(e.to_string());
+                self.counters.rules_failures += 1;
+            }
+        }
+        for a in retired {
+            self.retire(a);
+        }
+        for portal in flush {
+            if let Err(e) = self.backend.flush_udp_conntrack(portal.ip(), portal.port()) {
+                debug!(%portal, error = %e, "conntrack flush failed");
+            }
+        }
+        self.counters.syncs += 1;
+        self.counters.last_sync = Some(SystemTime::now());
+        self.counters.last_sync_duration = started.elapsed();
+        self.publish(desired);
+        plan
+    }
+
+    fn publish(&self, desired: &DesiredState) {
+        let mut st = self.counters.clone();
+        st.ports = desired
+            .services
+            .iter()
+            .map(|(name, spec)| {
+                let a = self.applied.get(name);
+                let ps = PortStatus {
+                    name: name.clone(),
+                    protocol: spec.protocol,
+                    portals: spec.portal_addrs().collect(),
+                    node_port: spec.node_port,
+                    listen: a
+                        .map(|a| a.handles.iter().map(|h| h.local_addr).collect())
+                        .unwrap_or_default(),
+                    endpoints: a.map(|a| a.shared.balancer.endpoints()).unwrap_or_default(),
+                    stats: a.map(|a| a.shared.stats.clone()),
+                    error: self.failures.get(name).cloned(),
+                };
+                (name.clone(), ps)
+            })
+            .collect();
+        self.status.send_replace(Arc::new(st));
+    }
+
+    /// Runs until `cancel`: waits for the first snapshot (no portals before the source is
+    /// synced, as kube-proxy), then applies every change, paced.
+    pub async fn run(
+        mut self,
+        mut desired: watch::Receiver<Option<Arc<DesiredState>>>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let mut pacer = pacing::Pacer::new(self.opts.min_sync_period, 2, Instant::now());
+        let mut last_sync = Instant::now();
+        let mut source_alive = true;
+        loop {
+            let periodic = tokio::time::Instant::from_std(last_sync + self.opts.sync_period);
+            let mut repair = false;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = desired.changed(), if source_alive => {
+                    if r.is_err() {
+                        warn!("desired-state source stopped; keeping the last state");
+                        source_alive = false;
+                        continue;
+                    }
+                    self.counters.last_queued = Some(SystemTime::now());
+                    self.publish_queued();
+                }
+                _ = tokio::time::sleep_until(periodic) => repair = true,
+            }
+            let now = Instant::now();
+            let at = pacer.next_allowed(now);
+            if at > now {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                }
+            }
+            pacer.take(Instant::now());
+            last_sync = Instant::now();
+            if repair {
+                if let Err(e) = self.backend.repair() {
+                    warn!(error = %e, "portal repair failed");
+                }
+            }
+            let snapshot = desired.borrow_and_update().clone();
+            if let Some(state) = snapshot {
+                self.sync(&state);
+            }
+        }
+        self
+    }
+
+    fn publish_queued(&self) {
+        let mut st = (*self.status.borrow()).as_ref().clone();
+        st.last_queued = self.counters.last_queued;
+        self.status.send_replace(Arc::new(st));
+    }
+
+    /// Stops accepting on every listener. Portals are left in place, as kube-proxy leaves its
+    /// rules: a restarted proxy flushes and re-installs them; `--cleanup` removes them.
+    pub fn stop_listening(&mut self) {
+        self.listeners.cancel();
+        for (_, a) in std::mem::take(&mut self.applied) {
+            for h in &a.handles {
+                h.close();
+            }
+        }
+    }
+}

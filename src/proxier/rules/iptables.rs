@@ -1,0 +1,708 @@
+//! iptables portals, compatible with kube-proxy's userspace mode.
+//!
+//! Same chains, hooks, comments and rule shapes as the original (reference §1), so
+//! `iptables -t nat -L | grep <service>` shows what users expect. What changes is how they are
+//! written: [`render`] produces the whole content of our chains, and one
+//! `iptables-restore --noflush` replaces it atomically (declaring a user chain in a restore
+//! payload flushes it, so a restart never duplicates rules). A sync whose rendering equals the
+//! last one written writes nothing.
+//!
+//! Two rule sets:
+//! - [`Shapes::Full`]: the original's, with the `comment`, `addrtype`, `physdev` and `state`
+//!   matches, plus a guard chain (`conntrack` match) that drops packets reaching a proxy port
+//!   without having been NATed by a portal;
+//! - [`Shapes::Minimal`]: for kernels without those extensions, only the nat table, the tcp/udp
+//!   matches and REDIRECT/DNAT: NodePorts get one rule per local address instead of `addrtype
+//!   LOCAL`, external IPs are treated like cluster IPs (as modern kube-proxy does, PR #96296),
+//!   no comments, no guard chain (the TCP guard in the listener still applies).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use tracing::{debug, info, warn};
+
+use super::{run, Error, NodeAddrs, Portal, Result};
+use crate::model::Protocol;
+
+/// nat chain for traffic arriving from pods or outside (hooked from PREROUTING).
+pub const PORTALS_CONTAINER: &str = "KUBE-PORTALS-CONTAINER";
+/// nat chain for host-originated traffic (hooked from OUTPUT).
+pub const PORTALS_HOST: &str = "KUBE-PORTALS-HOST";
+/// nat chain for NodePorts from pods or outside.
+pub const NODEPORT_CONTAINER: &str = "KUBE-NODEPORT-CONTAINER";
+/// nat chain for NodePorts from the host.
+pub const NODEPORT_HOST: &str = "KUBE-NODEPORT-HOST";
+/// filter chain accepting NodePort proxy ports.
+pub const NODEPORT_NON_LOCAL: &str = "KUBE-NODEPORT-NON-LOCAL";
+/// filter chain dropping traffic that reaches a proxy port without a portal (our addition).
+pub const PROXY_GUARD: &str = "KUBE-USERSPACE-GUARD";
+
+const PORTALS_COMMENT: &str = "handle ClusterIPs; NOTE: this must be before the NodePort rules";
+const NODEPORTS_COMMENT: &str =
+    "handle service NodePorts; NOTE: this must be the last rule in the chain";
+const NON_LOCAL_COMMENT: &str = "Ensure that non-local NodePort traffic can flow";
+const GUARD_COMMENT: &str = "drop traffic that reaches a userspace proxy port without a portal";
+
+/// Which netfilter extensions rules may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shapes {
+    /// comment, addrtype, physdev, state, conntrack.
+    Full,
+    /// Only nat, tcp/udp, REDIRECT/DNAT.
+    Minimal,
+}
+
+/// `netfilterExtensions` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExtensionsMode {
+    /// Probe the kernel; fall back to minimal shapes when an extension is missing.
+    #[default]
+    Auto,
+    /// Always the original shapes.
+    Full,
+    /// Always the minimal shapes.
+    Minimal,
+}
+
+/// A jump rule from a built-in chain into ours.
+struct Jump {
+    table: &'static str,
+    chain: &'static str,
+    target: &'static str,
+    prepend: bool,
+    full_args: &'static [&'static str],
+    minimal_args: &'static [&'static str],
+}
+
+const JUMPS: &[Jump] = &[
+    Jump {
+        table: "nat",
+        chain: "PREROUTING",
+        target: PORTALS_CONTAINER,
+        prepend: true,
+        full_args: &["-m", "comment", "--comment", PORTALS_COMMENT],
+        minimal_args: &[],
+    },
+    Jump {
+        table: "nat",
+        chain: "OUTPUT",
+        target: PORTALS_HOST,
+        prepend: true,
+        full_args: &["-m", "comment", "--comment", PORTALS_COMMENT],
+        minimal_args: &[],
+    },
+    Jump {
+        table: "nat",
+        chain: "PREROUTING",
+        target: NODEPORT_CONTAINER,
+        prepend: false,
+        full_args: &[
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-m",
+            "comment",
+            "--comment",
+            NODEPORTS_COMMENT,
+        ],
+        minimal_args: &[],
+    },
+    Jump {
+        table: "nat",
+        chain: "OUTPUT",
+        target: NODEPORT_HOST,
+        prepend: false,
+        full_args: &[
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-m",
+            "comment",
+            "--comment",
+            NODEPORTS_COMMENT,
+        ],
+        minimal_args: &[],
+    },
+    Jump {
+        table: "filter",
+        chain: "INPUT",
+        target: NODEPORT_NON_LOCAL,
+        prepend: true,
+        full_args: &["-m", "comment", "--comment", NON_LOCAL_COMMENT],
+        minimal_args: &[],
+    },
+    // Inserted after NON-LOCAL's jump, at position 1, so the guard runs first.
+    Jump {
+        table: "filter",
+        chain: "INPUT",
+        target: PROXY_GUARD,
+        prepend: true,
+        full_args: &["-m", "comment", "--comment", GUARD_COMMENT],
+        minimal_args: &[],
+    },
+];
+
+/// Inputs of a rendering besides the portals.
+#[derive(Clone, Debug)]
+pub struct RenderContext<'a> {
+    /// `bindAddress`: wildcard selects REDIRECT for pod traffic, a specific IP selects DNAT to it.
+    pub bind: IpAddr,
+    /// The node's addresses.
+    pub node: &'a NodeAddrs,
+    /// Rule shapes.
+    pub shapes: Shapes,
+}
+
+fn head(
+    out: &mut String,
+    chain: &str,
+    comment: &str,
+    ctx: &RenderContext<'_>,
+    proto: Protocol,
+    dport: u16,
+) {
+    let _ = write!(out, "-A {chain}");
+    if ctx.shapes == Shapes::Full {
+        let _ = write!(out, " -m comment --comment {comment}");
+    }
+    let _ = write!(out, " -p {proto} -m {proto} --dport {dport}");
+}
+
+/// Target for the container (PREROUTING) chains. Why REDIRECT with a wildcard bind: it sends the
+/// packet to the primary address of the interface it came in on, so replies leave the same way
+/// and conntrack reverses the NAT; DNAT to 127.0.0.1 would need route_localnet ("packets just
+/// disappear"), and DNAT to another interface's IP breaks UDP replies (DNS rejects them).
+fn container_target(ctx: &RenderContext<'_>, proxy_port: u16) -> String {
+    if ctx.bind.is_unspecified() {
+        format!("-j REDIRECT --to-ports {proxy_port}")
+    } else {
+        format!("-j DNAT --to-destination {}:{proxy_port}", ctx.bind)
+    }
+}
+
+/// Target for the host (OUTPUT) chains. REDIRECT of locally generated packets goes to 127.0.0.1
+/// while replies come from the host IP, which breaks UDP; so DNAT to the host's own IP, as the
+/// original does. `None` when the node has no usable IPv4 address.
+fn host_target(ctx: &RenderContext<'_>, proxy_port: u16) -> Option<String> {
+    let ip = if ctx.bind.is_unspecified() {
+        ctx.node.host_ip?
+    } else {
+        ctx.bind
+    };
+    Some(format!("-j DNAT --to-destination {ip}:{proxy_port}"))
+}
+
+/// Renders the full content of our chains as an `iptables-restore --noflush` payload. Pure and
+/// deterministic: the same portals give the same text, which is how "no change" is detected.
+pub fn render(portals: &[Portal], ctx: &RenderContext<'_>) -> String {
+    let mut nat = String::new();
+    let mut filter = String::new();
+    let full = ctx.shapes == Shapes::Full;
+    for p in portals {
+        let svc = &p.service;
+        let comment = svc.name.to_string();
+        let proto = svc.protocol;
+        let pp = p.proxy_port;
+        let container = container_target(ctx, pp);
+        let host = host_target(ctx, pp);
+        let plain_rule = |nat: &mut String, ip: &IpAddr| {
+            head(nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
+            let _ = writeln!(nat, " -d {ip}/32 {container}");
+            if let Some(h) = &host {
+                head(nat, PORTALS_HOST, &comment, ctx, proto, svc.port);
+                let _ = writeln!(nat, " -d {ip}/32 {h}");
+            }
+        };
+        // kube-proxy's order: cluster IP, external IPs, load-balancer IPs. The iptables backend
+        // is IPv4 only, as the original was.
+        if svc.cluster_ip.is_ipv4() {
+            plain_rule(&mut nat, &svc.cluster_ip);
+        }
+        for ip in svc.external_ips.iter().filter(|ip| ip.is_ipv4()) {
+            if !full {
+                // Without physdev/addrtype, external IPs are handled like cluster IPs.
+                plain_rule(&mut nat, ip);
+                continue;
+            }
+            head(&mut nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
+            let _ = writeln!(nat, " -d {ip}/32 -m physdev ! --physdev-is-in {container}");
+            head(&mut nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
+            let _ = writeln!(nat, " -d {ip}/32 -m addrtype --dst-type LOCAL {container}");
+            if let Some(h) = &host {
+                head(&mut nat, PORTALS_HOST, &comment, ctx, proto, svc.port);
+                let _ = writeln!(nat, " -d {ip}/32 -m addrtype --dst-type LOCAL {h}");
+            }
+        }
+        for ip in svc.load_balancer_ips.iter().filter(|ip| ip.is_ipv4()) {
+            plain_rule(&mut nat, ip);
+        }
+        if let Some(np) = svc.node_port {
+            if full {
+                head(&mut nat, NODEPORT_CONTAINER, &comment, ctx, proto, np);
+                let _ = writeln!(nat, " {container}");
+                if let Some(h) = &host {
+                    head(&mut nat, NODEPORT_HOST, &comment, ctx, proto, np);
+                    let _ = writeln!(nat, " {h}");
+                }
+                head(&mut filter, NODEPORT_NON_LOCAL, &comment, ctx, proto, pp);
+                let _ = writeln!(filter, " -m state --state NEW -j ACCEPT");
+            } else {
+                for ip in ctx.node.local.iter().filter(|ip| ip.is_ipv4()) {
+                    head(&mut nat, NODEPORT_CONTAINER, &comment, ctx, proto, np);
+                    let _ = writeln!(nat, " -d {ip}/32 {container}");
+                    if let Some(h) = &host {
+                        head(&mut nat, NODEPORT_HOST, &comment, ctx, proto, np);
+                        let _ = writeln!(nat, " -d {ip}/32 {h}");
+                    }
+                }
+                head(&mut filter, NODEPORT_NON_LOCAL, &comment, ctx, proto, pp);
+                let _ = writeln!(filter, " -j ACCEPT");
+            }
+        }
+        if full {
+            // A packet for a proxy port that no portal translated came straight at the port:
+            // drop it, or the proxy port is a back door to the service (reference §7).
+            head(&mut filter, PROXY_GUARD, &comment, ctx, proto, pp);
+            let _ = writeln!(filter, " -m conntrack ! --ctstate DNAT -j DROP");
+        }
+    }
+    let mut out = String::from("*nat\n");
+    for c in [
+        PORTALS_CONTAINER,
+        PORTALS_HOST,
+        NODEPORT_CONTAINER,
+        NODEPORT_HOST,
+    ] {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    out.push_str(&nat);
+    out.push_str("COMMIT\n*filter\n");
+    let _ = writeln!(out, ":{NODEPORT_NON_LOCAL} - [0:0]");
+    if full {
+        let _ = writeln!(out, ":{PROXY_GUARD} - [0:0]");
+    }
+    out.push_str(&filter);
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// The iptables portal backend.
+#[derive(Debug)]
+pub struct Iptables {
+    binary: String,
+    bind: IpAddr,
+    mode: ExtensionsMode,
+    shapes: Shapes,
+    last_written: Option<String>,
+}
+
+/// True when a failure is iptables saying a match or target extension is missing.
+fn missing_extension(e: &Error) -> bool {
+    let Error::Command { stderr, .. } = e else {
+        return false;
+    };
+    let s = stderr.to_lowercase();
+    s.contains("couldn't load match")
+        || s.contains("no chain/target/match")
+        || s.contains("missing kernel module")
+        || s.contains("extension")
+        || s.contains("unknown option")
+}
+
+impl Iptables {
+    /// A backend running `binary` (`iptables`, `iptables-legacy` or `iptables-nft`; its
+    /// `-restore` sibling is used for syncs).
+    pub fn new(binary: &str, bind: IpAddr, mode: ExtensionsMode) -> Self {
+        let shapes = match mode {
+            ExtensionsMode::Minimal => Shapes::Minimal,
+            ExtensionsMode::Full | ExtensionsMode::Auto => Shapes::Full,
+        };
+        Self {
+            binary: binary.into(),
+            bind,
+            mode,
+            shapes,
+            last_written: None,
+        }
+    }
+
+    /// The rule shapes in use.
+    pub fn shapes(&self) -> Shapes {
+        self.shapes
+    }
+
+    fn ipt(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-w", "5"];
+        all.extend_from_slice(args);
+        run(&self.binary, &all, None)
+    }
+
+    fn restore(&self, payload: &str) -> Result<()> {
+        run(
+            &format!("{}-restore", self.binary),
+            &["-w", "5", "--noflush"],
+            Some(payload),
+        )
+        .map(|_| ())
+    }
+
+    fn ensure_jumps(&mut self) -> Result<()> {
+        for j in JUMPS {
+            if j.target == PROXY_GUARD && self.shapes == Shapes::Minimal {
+                continue;
+            }
+            if self.ipt(&["-t", j.table, "-N", j.target]).is_ok() {
+                debug!(chain = j.target, "created chain");
+            }
+            let args = if self.shapes == Shapes::Full {
+                j.full_args
+            } else {
+                j.minimal_args
+            };
+            let mut rule: Vec<&str> = vec![j.chain];
+            rule.extend_from_slice(args);
+            rule.extend_from_slice(&["-j", j.target]);
+            let mut check = vec!["-t", j.table, "-C"];
+            check.extend_from_slice(&rule);
+            if self.ipt(&check).is_ok() {
+                continue;
+            }
+            let mut add = vec!["-t", j.table, if j.prepend { "-I" } else { "-A" }];
+            add.extend_from_slice(&rule);
+            self.ipt(&add)?;
+            info!(
+                table = j.table,
+                chain = j.chain,
+                target = j.target,
+                "installed jump rule"
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates our chains and jump rules (falling back to minimal shapes when the kernel lacks
+    /// an extension, in `auto` mode) and flushes rules a previous run left behind: their proxy
+    /// ports are gone with that process.
+    ///
+    /// # Errors
+    /// iptables cannot be run or refuses even the minimal rules.
+    pub fn init(&mut self) -> Result<()> {
+        if self.mode == ExtensionsMode::Auto && !kernel_has_extensions() {
+            warn!("netfilter extensions comment/addrtype/physdev/state/conntrack not all available; using minimal rule shapes");
+            self.shapes = Shapes::Minimal;
+        }
+        match self.ensure_jumps() {
+            Err(e)
+                if self.mode == ExtensionsMode::Auto
+                    && self.shapes == Shapes::Full
+                    && missing_extension(&e) =>
+            {
+                warn!(error = %e, "iptables refused a full-shape jump rule; falling back to minimal rule shapes");
+                self.shapes = Shapes::Minimal;
+                self.ensure_jumps()?;
+            }
+            other => other?,
+        }
+        let node = NodeAddrs {
+            host_ip: None,
+            local: vec![],
+        };
+        let empty = render(
+            &[],
+            &RenderContext {
+                bind: self.bind,
+                node: &node,
+                shapes: self.shapes,
+            },
+        );
+        self.restore(&empty)?;
+        self.last_written = Some(empty);
+        info!(binary = %self.binary, shapes = ?self.shapes, "iptables portals initialised; leftovers flushed");
+        Ok(())
+    }
+
+    /// Writes the portals if they differ from what was last written.
+    ///
+    /// # Errors
+    /// The restore failed; the previous rules stay in place.
+    pub fn sync(&mut self, portals: &[Portal], node: &NodeAddrs) -> Result<bool> {
+        if self.shapes == Shapes::Full && portals.iter().any(|p| !p.service.cluster_ip.is_ipv4()) {
+            debug!("IPv6 portals are not programmed by the iptables backend (single-stack IPv4)");
+        }
+        if node.host_ip.is_none() && self.bind.is_unspecified() && !portals.is_empty() {
+            warn!("no non-loopback IPv4 address on this node: host-originated traffic to services is not redirected");
+        }
+        let payload = render(
+            portals,
+            &RenderContext {
+                bind: self.bind,
+                node,
+                shapes: self.shapes,
+            },
+        );
+        if self.last_written.as_deref() == Some(payload.as_str()) {
+            return Ok(false);
+        }
+        match self.restore(&payload) {
+            Ok(()) => {}
+            Err(e)
+                if self.mode == ExtensionsMode::Auto
+                    && self.shapes == Shapes::Full
+                    && missing_extension(&e) =>
+            {
+                warn!(error = %e, "iptables-restore refused a full-shape rule; falling back to minimal rule shapes");
+                self.cleanup_jumps();
+                self.shapes = Shapes::Minimal;
+                self.ensure_jumps()?;
+                self.last_written = None;
+                return self.sync(portals, node);
+            }
+            Err(e) => {
+                self.last_written = None;
+                return Err(e);
+            }
+        }
+        debug!(bytes = payload.len(), "iptables-restore applied");
+        self.last_written = Some(payload);
+        Ok(true)
+    }
+
+    /// Re-installs jump rules someone removed, and re-writes our chains if they were flushed
+    /// behind our back (the next sync sees `last_written` cleared).
+    ///
+    /// # Errors
+    /// iptables cannot be run.
+    pub fn repair(&mut self) -> Result<()> {
+        self.ensure_jumps()?;
+        let listing = self
+            .ipt(&["-t", "nat", "-S", PORTALS_CONTAINER])
+            .unwrap_or_default();
+        let expected_rules = self
+            .last_written
+            .as_deref()
+            .map(|p| {
+                p.lines()
+                    .filter(|l| l.starts_with(&format!("-A {PORTALS_CONTAINER} ")))
+                    .count()
+            })
+            .unwrap_or(0);
+        let present = listing.lines().filter(|l| l.starts_with("-A ")).count();
+        if present != expected_rules {
+            warn!(
+                present,
+                expected_rules, "portal rules changed behind our back; rewriting"
+            );
+            self.last_written = None;
+        }
+        Ok(())
+    }
+
+    fn cleanup_jumps(&self) {
+        for j in JUMPS {
+            for args in [j.full_args, j.minimal_args] {
+                let mut del = vec!["-t", j.table, "-D", j.chain];
+                del.extend_from_slice(args);
+                del.extend_from_slice(&["-j", j.target]);
+                while self.ipt(&del).is_ok() {}
+            }
+        }
+    }
+
+    /// Removes every jump rule and chain this program installs (`--cleanup`). Absent ones are
+    /// fine.
+    ///
+    /// # Errors
+    /// A chain exists but cannot be removed.
+    pub fn cleanup(&self) -> Result<()> {
+        self.cleanup_jumps();
+        let mut first_error = None;
+        for j in JUMPS {
+            if self.ipt(&["-t", j.table, "-L", j.target, "-n"]).is_err() {
+                continue; // absent
+            }
+            let r = self
+                .ipt(&["-t", j.table, "-F", j.target])
+                .and_then(|_| self.ipt(&["-t", j.table, "-X", j.target]));
+            if let Err(e) = r {
+                warn!(chain = j.target, error = %e, "could not remove chain");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// True when the kernel lists every match the full shapes use. Matches load on demand on most
+/// kernels, so a missing entry is only a hint; `auto` mode also falls back when iptables itself
+/// refuses a rule.
+fn kernel_has_extensions() -> bool {
+    let Ok(list) = std::fs::read_to_string("/proc/net/ip_tables_matches") else {
+        return true; // unknown (e.g. nft-only kernel): try, and fall back on refusal
+    };
+    let names: Vec<&str> = list.lines().map(str::trim).collect();
+    ["comment", "addrtype", "physdev", "state", "conntrack"]
+        .iter()
+        .all(|m| names.contains(m))
+}
+
+/// Deletes UDP conntrack entries whose original destination is `ip:port`.
+///
+/// # Errors
+/// `conntrack` is missing or fails ("0 flow entries" is success).
+pub fn flush_udp_conntrack(ip: IpAddr, port: u16) -> Result<()> {
+    let ip_s = ip.to_string();
+    let port_s = port.to_string();
+    let mut args = vec![
+        "-D",
+        "-p",
+        "udp",
+        "--orig-dst",
+        ip_s.as_str(),
+        "--orig-port-dst",
+        port_s.as_str(),
+    ];
+    if ip.is_ipv6() {
+        args.extend_from_slice(&["-f", "ipv6"]);
+    }
+    match run("conntrack", &args, None) {
+        Ok(_) => Ok(()),
+        // conntrack exits 1 when nothing matched; that is the common case.
+        Err(Error::Command { stderr, .. }) if stderr.contains("0 flow entries") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Affinity, ServicePort, ServicePortName, TrafficPolicy};
+
+    fn web() -> Portal {
+        Portal {
+            service: ServicePort {
+                name: ServicePortName::new("default", "web", "http"),
+                protocol: Protocol::Tcp,
+                cluster_ip: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                node_port: Some(30080),
+                external_ips: vec!["203.0.113.7".parse().unwrap()],
+                load_balancer_ips: vec!["198.51.100.9".parse().unwrap()],
+                affinity: Affinity::None,
+                internal_policy: TrafficPolicy::Cluster,
+                external_policy: TrafficPolicy::Cluster,
+            },
+            proxy_port: 41234,
+        }
+    }
+
+    fn node() -> NodeAddrs {
+        NodeAddrs {
+            host_ip: Some("192.168.1.10".parse().unwrap()),
+            local: vec![
+                "127.0.0.1".parse().unwrap(),
+                "192.168.1.10".parse().unwrap(),
+            ],
+        }
+    }
+
+    /// The reference's worked example (§1.3), rule for rule.
+    #[test]
+    fn full_shapes_match_the_original_worked_example() {
+        let n = node();
+        let got = render(
+            &[web()],
+            &RenderContext {
+                bind: "0.0.0.0".parse().unwrap(),
+                node: &n,
+                shapes: Shapes::Full,
+            },
+        );
+        let want = "\
+*nat
+:KUBE-PORTALS-CONTAINER - [0:0]
+:KUBE-PORTALS-HOST - [0:0]
+:KUBE-NODEPORT-CONTAINER - [0:0]
+:KUBE-NODEPORT-HOST - [0:0]
+-A KUBE-PORTALS-CONTAINER -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 10.96.0.10/32 -j REDIRECT --to-ports 41234
+-A KUBE-PORTALS-HOST -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 10.96.0.10/32 -j DNAT --to-destination 192.168.1.10:41234
+-A KUBE-PORTALS-CONTAINER -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 203.0.113.7/32 -m physdev ! --physdev-is-in -j REDIRECT --to-ports 41234
+-A KUBE-PORTALS-CONTAINER -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 203.0.113.7/32 -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 41234
+-A KUBE-PORTALS-HOST -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 203.0.113.7/32 -m addrtype --dst-type LOCAL -j DNAT --to-destination 192.168.1.10:41234
+-A KUBE-PORTALS-CONTAINER -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 198.51.100.9/32 -j REDIRECT --to-ports 41234
+-A KUBE-PORTALS-HOST -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 198.51.100.9/32 -j DNAT --to-destination 192.168.1.10:41234
+-A KUBE-NODEPORT-CONTAINER -m comment --comment default/web:http -p tcp -m tcp --dport 30080 -j REDIRECT --to-ports 41234
+-A KUBE-NODEPORT-HOST -m comment --comment default/web:http -p tcp -m tcp --dport 30080 -j DNAT --to-destination 192.168.1.10:41234
+COMMIT
+*filter
+:KUBE-NODEPORT-NON-LOCAL - [0:0]
+:KUBE-USERSPACE-GUARD - [0:0]
+-A KUBE-NODEPORT-NON-LOCAL -m comment --comment default/web:http -p tcp -m tcp --dport 41234 -m state --state NEW -j ACCEPT
+-A KUBE-USERSPACE-GUARD -m comment --comment default/web:http -p tcp -m tcp --dport 41234 -m conntrack ! --ctstate DNAT -j DROP
+COMMIT
+";
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn specific_bind_address_uses_dnat_everywhere() {
+        let n = node();
+        let got = render(
+            &[web()],
+            &RenderContext {
+                bind: "192.168.1.20".parse().unwrap(),
+                node: &n,
+                shapes: Shapes::Full,
+            },
+        );
+        assert!(!got.contains("REDIRECT"));
+        assert!(got.contains("-A KUBE-PORTALS-CONTAINER -m comment --comment default/web:http -p tcp -m tcp --dport 80 -d 10.96.0.10/32 -j DNAT --to-destination 192.168.1.20:41234"));
+    }
+
+    #[test]
+    fn minimal_shapes_use_only_nat_and_port_matches() {
+        let n = node();
+        let got = render(
+            &[web()],
+            &RenderContext {
+                bind: "0.0.0.0".parse().unwrap(),
+                node: &n,
+                shapes: Shapes::Minimal,
+            },
+        );
+        for ext in [
+            "comment",
+            "addrtype",
+            "physdev",
+            "state",
+            "conntrack",
+            PROXY_GUARD,
+        ] {
+            assert!(
+                !got.contains(ext),
+                "minimal shapes must not use {ext}:\n{got}"
+            );
+        }
+        // One NodePort rule per local address, per chain.
+        assert_eq!(got.matches("-A KUBE-NODEPORT-CONTAINER").count(), 2);
+        assert!(got.contains("-A KUBE-NODEPORT-CONTAINER -p tcp -m tcp --dport 30080 -d 192.168.1.10/32 -j REDIRECT --to-ports 41234"));
+        // External IPs handled like cluster IPs.
+        assert!(got.contains("-A KUBE-PORTALS-CONTAINER -p tcp -m tcp --dport 80 -d 203.0.113.7/32 -j REDIRECT --to-ports 41234"));
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_empty_when_nothing_to_do() {
+        let n = node();
+        let ctx = RenderContext {
+            bind: "0.0.0.0".parse().unwrap(),
+            node: &n,
+            shapes: Shapes::Full,
+        };
+        assert_eq!(render(&[web()], &ctx), render(&[web()], &ctx));
+        let empty = render(&[], &ctx);
+        assert!(!empty.contains("-A "));
+        assert!(empty.contains(":KUBE-PORTALS-CONTAINER - [0:0]"));
+    }
+}
