@@ -109,7 +109,7 @@ pub(crate) async fn serve(
         else {
             continue;
         };
-        match session.backend.try_send(&buf[..n]) {
+        match send_to_backend(&session.backend, &buf[..n]).await {
             Ok(sent) => Stats::add(&shared.stats.bytes_to_backend, sent as u64),
             Err(e) => {
                 Stats::add(&shared.stats.udp_dropped, 1);
@@ -119,6 +119,22 @@ pub(crate) async fn serve(
     }
     lock(&table).clear();
     debug!(service = %shared.name, "UDP listener closed");
+}
+
+/// Longest wait for a socket to become writable before a datagram is dropped.
+const SEND_WAIT: Duration = Duration::from_millis(50);
+
+/// Sends without waiting when the socket is known writable (the steady state). A socket tokio
+/// has not seen writable yet (a new session), or a full send buffer, gets a short bounded wait.
+async fn send_to_backend(backend: &UdpSocket, datagram: &[u8]) -> io::Result<usize> {
+    match backend.try_send(datagram) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            tokio::time::timeout(SEND_WAIT, backend.send(datagram))
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::WouldBlock.into()))
+        }
+        other => other,
+    }
 }
 
 /// The client's session, created (with its task) if it has none. The session is touched under
@@ -218,7 +234,14 @@ async fn run_session(
                 if let Err(e) = r {
                     break if e.kind() == io::ErrorKind::ConnectionRefused { "backend refused" } else { "backend error" };
                 }
-                if let Err(why) = relay_replies(&session, client, &sock, &shared) {
+                let (result, blocked) = relay_replies(&session, client, &sock, &shared);
+                if let Some(datagram) = blocked {
+                    match tokio::time::timeout(SEND_WAIT, sock.send_to(&datagram, client)).await {
+                        Ok(Ok(sent)) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
+                        _ => Stats::add(&shared.stats.udp_dropped, 1),
+                    }
+                }
+                if let Err(why) = result {
                     break why;
                 }
             }
@@ -234,13 +257,17 @@ async fn run_session(
     debug!(service = %shared.name, client.addr = %client, backend.addr = %session.endpoint, reason, "UDP session closed");
 }
 
-/// Drains every queued reply; returns the reason to end the session on a backend error.
+/// Relays queued replies without blocking. Returns the reason to end the session on a backend
+/// error, and a reply the service socket could not take at once (sent by the caller with a
+/// short wait; the rest stays queued in the kernel for the next wake-up).
+type Relay = (Result<(), &'static str>, Option<Vec<u8>>);
+
 fn relay_replies(
     session: &Session,
     client: SocketAddr,
     sock: &UdpSocket,
     shared: &Shared,
-) -> Result<(), &'static str> {
+) -> Relay {
     REPLY_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
         loop {
@@ -249,14 +276,17 @@ fn relay_replies(
                     session.touch();
                     match sock.try_send_to(&buf[..n], client) {
                         Ok(sent) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return (Ok(()), Some(buf[..n].to_vec()))
+                        }
                         Err(_) => Stats::add(&shared.stats.udp_dropped, 1),
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Ok(()), None),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    return Err("backend refused")
+                    return (Err("backend refused"), None)
                 }
-                Err(_) => return Err("backend error"),
+                Err(_) => return (Err("backend error"), None),
             }
         }
     })

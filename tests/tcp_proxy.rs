@@ -1,0 +1,149 @@
+//! TCP through real listeners over loopback: round robin, dial retry, no endpoints, half-close,
+//! ClientIP affinity.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn round_robin_spreads_evenly_over_three_backends() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let b = tcp_backend("b", cancel.clone()).await;
+    let c = tcp_backend("c", cancel.clone()).await;
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", &[a, b, c])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("web", "http").await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..9 {
+        let id = tcp_hello(addr).await.expect("connection through the proxy");
+        *counts.entry(id).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 3),
+        "round robin gives each backend 3 of 9: {counts:?}"
+    );
+    let stats = proxy.port_status("web", "http").unwrap().stats.unwrap();
+    assert_eq!(stats.connections_total.load(Ordering::Relaxed), 9);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn dial_retries_past_a_refusing_endpoint() {
+    let cancel = CancellationToken::new();
+    let live = tcp_backend("live", cancel.clone()).await;
+    let dead = refusing_addr().await;
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", &[dead, live])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("web", "http").await;
+    for _ in 0..6 {
+        assert_eq!(
+            tcp_hello(addr).await.as_deref(),
+            Some("live"),
+            "every connection reaches the live backend"
+        );
+    }
+    let stats = proxy.port_status("web", "http").unwrap().stats.unwrap();
+    assert!(
+        stats.dial_failures.load(Ordering::Relaxed) >= 1,
+        "the refusing endpoint was tried and skipped"
+    );
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn no_endpoints_closes_the_client_at_once() {
+    let text = format!("{}{}", header(""), service("empty", "", &["http:80"]));
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("empty", "http").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .expect("closed promptly, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no data, just a close");
+    let stats = proxy.port_status("empty", "http").unwrap().stats.unwrap();
+    assert_eq!(stats.no_endpoints.load(Ordering::Relaxed), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn half_close_reaches_the_backend_and_replies_still_flow() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", &[a])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("web", "http").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let payload = vec![b'x'; 100_000];
+    s.write_all(&payload).await.unwrap();
+    // Close our write side only: the backend must see EOF, answer `bye`, and we must still
+    // be able to read everything.
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("backend saw our EOF")
+        .unwrap();
+    let mut want = b"a\n".to_vec();
+    want.extend_from_slice(&payload);
+    want.extend_from_slice(b"bye");
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "echo plus bye after half-close");
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn client_ip_affinity_pins_to_one_backend() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let b = tcp_backend("b", cancel.clone()).await;
+    let c = tcp_backend("c", cancel.clone()).await;
+    let spec =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n";
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("sticky", spec, &["http:80"]),
+        slice("sticky", "http", "TCP", &[a, b, c])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("sticky", "http").await;
+    let first = tcp_hello(addr).await.unwrap();
+    for _ in 0..8 {
+        assert_eq!(
+            tcp_hello(addr).await.unwrap(),
+            first,
+            "same client IP, same backend"
+        );
+    }
+    proxy.stop().await;
+    cancel.cancel();
+}

@@ -1,0 +1,113 @@
+//! UDP through real listeners over loopback: per-client sessions, idle expiry, large datagrams.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+async fn udp_proxy(
+    extra: &str,
+    n_backends: usize,
+) -> (Proxy, std::net::SocketAddr, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let mut backends = Vec::new();
+    for i in 0..n_backends {
+        backends.push(udp_backend(&format!("u{i}"), cancel.clone()).await);
+    }
+    let text = format!(
+        "{}{}{}",
+        header(extra),
+        service("dns", "", &["dns:53/UDP"]),
+        slice("dns", "dns", "UDP", &backends)
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("dns", "dns").await;
+    (proxy, addr, cancel)
+}
+
+#[tokio::test]
+async fn each_client_gets_its_own_session_and_its_own_replies() {
+    let (proxy, addr, cancel) = udp_proxy("udpIdleTimeout: 10s\n", 2).await;
+    let c1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (id1, p1) = udp_roundtrip(&c1, addr, b"from-one")
+        .await
+        .expect("reply to client 1");
+    let (id2, p2) = udp_roundtrip(&c2, addr, b"from-two")
+        .await
+        .expect("reply to client 2");
+    assert_eq!(p1, b"from-one");
+    assert_eq!(p2, b"from-two");
+    assert_ne!(
+        id1, id2,
+        "two clients, two sessions, round robin across the two backends"
+    );
+    // A session sticks to its backend.
+    for _ in 0..5 {
+        assert_eq!(udp_roundtrip(&c1, addr, b"again").await.unwrap().0, id1);
+    }
+    let stats = proxy.port_status("dns", "dns").unwrap().stats.unwrap();
+    assert_eq!(stats.udp_sessions_active.load(Ordering::Relaxed), 2);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn idle_sessions_expire() {
+    let (proxy, addr, cancel) = udp_proxy("udpIdleTimeout: 300ms\n", 1).await;
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp_roundtrip(&c, addr, b"hello").await.expect("reply");
+    let stats = proxy.port_status("dns", "dns").unwrap().stats.unwrap();
+    assert_eq!(stats.udp_sessions_active.load(Ordering::Relaxed), 1);
+    eventually(Duration::from_secs(5), "idle UDP session closed", || {
+        let n = stats.udp_sessions_active.load(Ordering::Relaxed);
+        async move { n == 0 }
+    })
+    .await;
+    // A new datagram opens a new session and still gets through.
+    assert_eq!(udp_roundtrip(&c, addr, b"back").await.unwrap().1, b"back");
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_60_kb_datagram_passes_intact() {
+    let (proxy, addr, cancel) = udp_proxy("", 1).await;
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let payload: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let (_, got) = udp_roundtrip(&c, addr, &payload)
+        .await
+        .expect("reply to a 60 KB datagram");
+    assert_eq!(
+        got.len(),
+        payload.len(),
+        "not truncated (the original cut at 4096 bytes)"
+    );
+    assert!(got == payload);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn session_table_is_bounded() {
+    let (proxy, addr, cancel) = udp_proxy("udpMaxSessions: 2\nudpIdleTimeout: 10s\n", 1).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    assert!(udp_roundtrip(&clients[0], addr, b"1").await.is_some());
+    assert!(udp_roundtrip(&clients[1], addr, b"2").await.is_some());
+    assert!(
+        udp_roundtrip(&clients[2], addr, b"3").await.is_none(),
+        "third client over the bound is dropped"
+    );
+    let stats = proxy.port_status("dns", "dns").unwrap().stats.unwrap();
+    assert_eq!(stats.udp_sessions_active.load(Ordering::Relaxed), 2);
+    assert!(stats.udp_dropped.load(Ordering::Relaxed) >= 1);
+    proxy.stop().await;
+    cancel.cancel();
+}
