@@ -302,33 +302,26 @@ impl Proxier {
             }
             proxy_port = spec.port;
         } else {
-            let mut last_err = String::from("no free port left in the proxy port range");
-            let mut bound = None;
-            for candidate in self.allocator.candidates() {
-                let addr = SocketAddr::new(self.opts.bind_address, candidate);
-                match listener::spawn(
-                    spec.protocol,
-                    addr,
-                    false,
-                    shared.clone(),
-                    &self.tracker,
-                    &self.listeners,
-                    &self.kill,
-                ) {
-                    Ok(h) => {
-                        bound = Some(h);
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                        last_err = format!("port {candidate} in use");
-                        continue;
-                    }
-                    Err(e) => {
-                        return Err(format!("cannot listen on {addr}/{}: {e}", spec.protocol))
-                    }
-                }
-            }
-            let h = bound.ok_or(last_err)?;
+            let (bind, tracker, listeners, kill) = (
+                self.opts.bind_address,
+                &self.tracker,
+                &self.listeners,
+                &self.kill,
+            );
+            let (_, h) = self
+                .allocator
+                .allocate(|port| {
+                    listener::spawn(
+                        spec.protocol,
+                        SocketAddr::new(bind, port),
+                        false,
+                        shared.clone(),
+                        tracker,
+                        listeners,
+                        kill,
+                    )
+                })
+                .map_err(|e| format!("cannot listen on {bind}/{}: {e}", spec.protocol))?;
             proxy_port = h.local_addr.port();
             self.allocator.mark(proxy_port);
             handles.push(h);
@@ -456,6 +449,7 @@ impl Proxier {
             a.shared.balancer.expire_pins();
         }
 
+        let t_listeners = started.elapsed();
         let portals: Vec<Portal> = self
             .applied
             .values()
@@ -464,7 +458,10 @@ impl Proxier {
                 proxy_port: a.proxy_port,
             })
             .collect();
-        match self.backend.sync(&portals, &node) {
+        let t_rules = Instant::now();
+        let rules_result = self.backend.sync(&portals, &node);
+        let t_rules = t_rules.elapsed();
+        match rules_result {
             Ok(written) => {
                 if written {
                     debug!(portals = portals.len(), "portals written");
@@ -488,6 +485,29 @@ impl Proxier {
         self.counters.syncs += 1;
         self.counters.last_sync = Some(SystemTime::now());
         self.counters.last_sync_duration = started.elapsed();
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        debug!(
+            listeners_ms = t_listeners.as_secs_f64() * 1e3,
+            rules_ms = t_rules.as_secs_f64() * 1e3,
+            "sync phases"
+        );
+        if plan.is_empty() {
+            debug!(
+                ports = self.applied.len(),
+                elapsed_ms, "sync complete: no change"
+            );
+        } else {
+            info!(
+                ports = self.applied.len(),
+                opened = plan.open.len(),
+                replaced = plan.replace.len(),
+                updated = plan.update.len(),
+                closed = plan.close.len(),
+                failed = self.failures.len(),
+                elapsed_ms,
+                "sync complete"
+            );
+        }
         self.publish(desired);
         plan
     }

@@ -16,6 +16,7 @@
 //!   LOCAL`, external IPs are treated like cluster IPs (as modern kube-proxy does, PR #96296),
 //!   no comments, no guard chain (the TCP guard in the listener still applies).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -289,6 +290,50 @@ pub fn render(portals: &[Portal], ctx: &RenderContext<'_>) -> String {
     out
 }
 
+/// The rules of a rendering, by table, as a multiset of `-A ...` lines.
+fn rule_lines(payload: &str) -> BTreeMap<&str, BTreeMap<&str, usize>> {
+    let mut out: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    let mut table = "";
+    for line in payload.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t;
+        } else if line.starts_with("-A ") {
+            *out.entry(table).or_default().entry(line).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// The restore payload that turns the rules of `old` into those of `new` by deleting and
+/// appending single rules, or `None` when they are the same. Our rules never overlap (each has
+/// its own destination and port), so their order within a chain does not matter; this keeps a
+/// one-service change O(1) in rules instead of rewriting every chain (the full rewrite of
+/// 20,000 rules costs 0.3 s with iptables-nft and rewrites the whole table with legacy).
+pub fn delta(old: &str, new: &str) -> Option<String> {
+    let (old, new) = (rule_lines(old), rule_lines(new));
+    let mut out = String::new();
+    for table in ["nat", "filter"] {
+        let empty = BTreeMap::new();
+        let o = old.get(table).unwrap_or(&empty);
+        let n = new.get(table).unwrap_or(&empty);
+        let mut body = String::new();
+        for (line, count) in o {
+            for _ in 0..count.saturating_sub(n.get(line).copied().unwrap_or(0)) {
+                let _ = writeln!(body, "-D {}", &line[3..]);
+            }
+        }
+        for (line, count) in n {
+            for _ in 0..count.saturating_sub(o.get(line).copied().unwrap_or(0)) {
+                let _ = writeln!(body, "{line}");
+            }
+        }
+        if !body.is_empty() {
+            let _ = write!(out, "*{table}\n{body}COMMIT\n");
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// The iptables portal backend.
 #[derive(Debug)]
 pub struct Iptables {
@@ -445,6 +490,26 @@ impl Iptables {
         );
         if self.last_written.as_deref() == Some(payload.as_str()) {
             return Ok(false);
+        }
+        if let Some(old) = self.last_written.as_deref() {
+            match delta(old, &payload) {
+                None => {
+                    self.last_written = Some(payload);
+                    return Ok(false);
+                }
+                Some(d) => match self.restore(&d) {
+                    Ok(()) => {
+                        debug!(bytes = d.len(), "iptables-restore applied (incremental)");
+                        self.last_written = Some(payload);
+                        return Ok(true);
+                    }
+                    // Someone changed our chains (a -D found nothing), or a rule was refused:
+                    // rewrite our chains whole (which also handles the extension fallback).
+                    Err(e) => {
+                        warn!(error = %e, "incremental rule update failed; rewriting our chains")
+                    }
+                },
+            }
         }
         match self.restore(&payload) {
             Ok(()) => {}
@@ -690,6 +755,37 @@ COMMIT
         assert!(got.contains("-A KUBE-NODEPORT-CONTAINER -p tcp -m tcp --dport 30080 -d 192.168.1.10/32 -j REDIRECT --to-ports 41234"));
         // External IPs handled like cluster IPs.
         assert!(got.contains("-A KUBE-PORTALS-CONTAINER -p tcp -m tcp --dport 80 -d 203.0.113.7/32 -j REDIRECT --to-ports 41234"));
+    }
+
+    #[test]
+    fn delta_deletes_and_appends_only_what_changed() {
+        let n = node();
+        let ctx = RenderContext {
+            bind: "0.0.0.0".parse().unwrap(),
+            node: &n,
+            shapes: Shapes::Full,
+        };
+        let a = web();
+        let mut b = web();
+        b.service.name = ServicePortName::new("default", "api", "");
+        b.service.cluster_ip = "10.96.0.20".parse().unwrap();
+        b.service.node_port = None;
+        b.service.external_ips.clear();
+        b.service.load_balancer_ips.clear();
+        b.proxy_port = 41000;
+        let one = render(&[a.clone()], &ctx);
+        let two = render(&[a.clone(), b.clone()], &ctx);
+        assert_eq!(delta(&one, &one), None);
+        let add = delta(&one, &two).unwrap();
+        assert_eq!(
+            add,
+            "*nat\n-A KUBE-PORTALS-CONTAINER -m comment --comment default/api -p tcp -m tcp --dport 80 -d 10.96.0.20/32 -j REDIRECT --to-ports 41000\n-A KUBE-PORTALS-HOST -m comment --comment default/api -p tcp -m tcp --dport 80 -d 10.96.0.20/32 -j DNAT --to-destination 192.168.1.10:41000\nCOMMIT\n*filter\n-A KUBE-USERSPACE-GUARD -m comment --comment default/api -p tcp -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP\nCOMMIT\n"
+        );
+        let del = delta(&two, &one).unwrap();
+        assert!(
+            del.lines().filter(|l| l.starts_with("-D ")).count() == 3 && !del.contains("-A "),
+            "{del}"
+        );
     }
 
     #[test]

@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# make bench: userspace-proxy side by side with the direct path and the peers a user would pick
+# instead (HAProxy tcp mode with splice, nginx stream, socat), in network namespaces made here.
+#
+#   client ns 10.10.1.2 ── veth ── 10.10.1.1  node ns (proxy, peers)  10.10.2.1 ── veth ── 10.10.2.2  server ns
+#
+# direct:          client -> 10.10.2.2 (forwarded by the node, no proxy)
+# userspace-proxy: client -> ClusterIP 10.96.0.10 -> PREROUTING REDIRECT -> proxy -> server
+# peers:           client -> 10.10.1.1:<peer port> -> peer -> server
+#
+# Every address exists only inside these namespaces. Every load is bounded in time and count.
+# Output: bench/results/{raw.tsv,results.md,results.json,chart.svg}.
+# Environment: REPS (default 3), SECS (iperf seconds, default 4), IDLE_CONNS (default 7000),
+# CP_SIZES (control-plane service counts, default "1000 10000").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${REPS:-3}
+SECS=${SECS:-4}
+IDLE_CONNS=${IDLE_CONNS:-7000}   # 2 descriptors per proxied connection; this sandbox caps RLIMIT_NOFILE at 20000
+CP_SIZES=${CP_SIZES:-"1000 10000"}
+
+if [ "$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces)" >&2; exit 1; fi
+need=()
+for t in ip:iproute2 iptables:iptables iperf3:iperf3 haproxy:haproxy nginx:nginx socat:socat jq:jq bc:bc; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t##*:}")
+done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "== building (release)"
+cargo build --release --quiet --bin userspace-proxy --example loadgen --example benchreport
+BIN=$PWD/target/release/userspace-proxy
+LG=$PWD/target/release/examples/loadgen
+REPORT=$PWD/target/release/examples/benchreport
+OUT=$PWD/bench/results
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+RAW=$OUT/raw.tsv
+printf "target\tmetric\tvalue\trep\n" > "$RAW"
+
+CL=upb-cl-$$ ND=upb-node-$$ SV=upb-srv-$$ CP=upb-cp-$$
+cleanup() {
+  for ns in $CL $ND $SV $CP; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for ns in $CL $ND $SV $CP; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip link add upbc0 netns "$CL" type veth peer name upbn0 netns "$ND"
+ip link add upbn1 netns "$ND" type veth peer name upbs0 netns "$SV"
+ip -n "$CL" addr add 10.10.1.2/24 dev upbc0; ip -n "$ND" addr add 10.10.1.1/24 dev upbn0
+ip -n "$ND" addr add 10.10.2.1/24 dev upbn1; ip -n "$SV" addr add 10.10.2.2/24 dev upbs0
+for x in "$CL upbc0" "$ND upbn0" "$ND upbn1" "$SV upbs0"; do set -- $x; ip -n "$1" link set "$2" up; done
+ip -n "$CL" route add default via 10.10.1.1
+ip -n "$SV" route add default via 10.10.2.1
+ip netns exec "$ND" sysctl -qw net.ipv4.ip_forward=1
+
+inns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+# --- servers ---
+inns "$SV" iperf3 -s -D -p 5201 >/dev/null
+inns "$SV" bash -c "ulimit -n $(ulimit -Hn); exec $LG serve --tcp 10.10.2.2:9000 --udp 10.10.2.2:9001 --secs 3600" &
+
+# --- the proxy and the peers, all in the node namespace ---
+cat > "$WORK/proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: userspace
+healthzBindAddress: ""
+metricsBindAddress: ""
+hostnameOverride: bench-node
+udpIdleTimeout: 5s
+udpMaxSessions: 65536
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bench, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: iperf, port: 5201}
+  - {name: echo, port: 9000}
+  - {name: echo-udp, port: 9001, protocol: UDP}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: bench, namespace: default}
+subsets:
+- addresses: [{ip: 10.10.2.2}]
+  ports: [{name: iperf, port: 5201}, {name: echo, port: 9000}, {name: echo-udp, port: 9001, protocol: UDP}]
+EOF
+inns "$ND" bash -c "ulimit -n $(ulimit -Hn); exec $BIN --config $WORK/proxy.yaml" 2>"$WORK/proxy.log" &
+
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+  maxconn 7500
+defaults
+  mode tcp
+  option splice-auto
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+listen iperf
+  bind 10.10.1.1:15201
+  server s1 10.10.2.2:5201
+listen echo
+  bind 10.10.1.1:19000
+  server s1 10.10.2.2:9000
+EOF
+inns "$ND" bash -c "ulimit -n $(ulimit -Hn); exec haproxy -f $WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+
+cat > "$WORK/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err;
+daemon off;
+events { worker_connections 9500; }
+stream {
+  server { listen 10.10.1.1:25201; proxy_pass 10.10.2.2:5201; }
+  server { listen 10.10.1.1:29000; proxy_pass 10.10.2.2:9000; }
+  server { listen 10.10.1.1:29001 udp; proxy_pass 10.10.2.2:9001; proxy_timeout 5s; }
+}
+EOF
+inns "$ND" bash -c "ulimit -n $(ulimit -Hn); exec nginx -c $WORK/nginx.conf" >/dev/null 2>&1 &
+
+inns "$ND" socat TCP4-LISTEN:35201,bind=10.10.1.1,fork,reuseaddr TCP4:10.10.2.2:5201 &
+inns "$ND" socat TCP4-LISTEN:39000,bind=10.10.1.1,fork,reuseaddr TCP4:10.10.2.2:9000 &
+inns "$ND" socat UDP4-LISTEN:39001,bind=10.10.1.1,fork,reuseaddr UDP4:10.10.2.2:9001 &
+
+# target name, TCP bulk addr, TCP echo addr, UDP echo addr ("-" = not supported), process name
+TARGETS=(
+  "direct 10.10.2.2:5201 10.10.2.2:9000 10.10.2.2:9001 -"
+  "userspace-proxy 10.96.0.10:5201 10.96.0.10:9000 10.96.0.10:9001 userspace-proxy"
+  "haproxy 10.10.1.1:15201 10.10.1.1:19000 - haproxy"
+  "nginx 10.10.1.1:25201 10.10.1.1:29000 10.10.1.1:29001 nginx"
+  "socat 10.10.1.1:35201 10.10.1.1:39000 10.10.1.1:39001 socat"
+)
+
+# CPU seconds (user+sys, including reaped children) of every process named $1 in the node ns.
+cpu_of() {
+  [ "$1" = - ] && { echo 0; return; }
+  local total=0 pid
+  for pid in $(ip netns pids "$ND"); do
+    [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
+    total=$((total + $(awk '{print $14+$15+$16+$17}' /proc/$pid/stat 2>/dev/null || echo 0)))
+  done
+  echo "scale=3; $total / $(getconf CLK_TCK)" | bc
+}
+# Resident memory in KiB of every process named $1 in the node ns.
+rss_of() {
+  local total=0 pid
+  for pid in $(ip netns pids "$ND"); do
+    [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
+    total=$((total + $(awk '/VmRSS/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)))
+  done
+  echo $total
+}
+rec() { printf "%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$4" >> "$RAW"; }
+json() { sed -n "s/.*\"$2\":\([0-9.e+-]*\).*/\1/p" <<<"$1"; }
+
+echo "== waiting for every target to answer"
+for t in "${TARGETS[@]}"; do
+  set -- $t
+  for _ in $(seq 1 100); do
+    if inns "$CL" "$LG" rr --target "$3" --count 10 >/dev/null 2>&1; then break; fi
+    sleep 0.1
+  done
+done
+
+if [ -z "${ONLY_CP:-}" ]; then
+for rep in $(seq 1 "$REPS"); do
+  for t in "${TARGETS[@]}"; do
+    set -- $t
+    name=$1 bulk=$2 echo_addr=$3 udp=$4 proc=$5
+    echo "== rep $rep/$REPS: $name"
+    for streams in 1 8; do
+      c0=$(cpu_of "$proc")
+      r=$(inns "$CL" iperf3 -c "${bulk%:*}" -p "${bulk#*:}" -P "$streams" -t "$SECS" -J 2>/dev/null || true)
+      c1=$(cpu_of "$proc")
+      bytes=$(jq -r '.end.sum_received.bytes // 0 | floor' <<<"$r" 2>/dev/null || echo 0)
+      if [ "$bytes" -gt 0 ]; then
+        rec "$name" "tcp_bulk_${streams}_gbps" "$(echo "scale=3; $bytes * 8 / $SECS / 1000000000" | bc)" "$rep"
+        [ "$streams" = 1 ] && [ "$proc" != - ] && rec "$name" "cpu_s_per_gb" "$(echo "scale=3; ($c1 - $c0) * 1000000000 / $bytes" | bc)" "$rep"
+      fi
+    done
+    r=$(inns "$CL" "$LG" rr --target "$echo_addr" --count 20000 --size 100)
+    rec "$name" rr_p50_us "$(json "$r" p50_us)" "$rep"; rec "$name" rr_p99_us "$(json "$r" p99_us)" "$rep"
+    c0=$(cpu_of "$proc")
+    r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
+    c1=$(cpu_of "$proc")
+    cps=$(json "$r" cps)
+    rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
+    [ "$proc" != - ] && rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($c1 - $c0) * 1000 / ($cps * 4)" | bc)" "$rep"
+    if [ "$udp" != - ]; then
+      r=$(inns "$CL" "$LG" udp-rr --target "$udp" --count 10000 --size 100)
+      rec "$name" udp_rr_p50_us "$(json "$r" p50_us)" "$rep"; rec "$name" udp_rr_p99_us "$(json "$r" p99_us)" "$rep"
+      r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100)
+      rec "$name" udp_flood_pps "$(json "$r" delivered_pps)" "$rep"; rec "$name" udp_flood_loss "$(json "$r" loss)" "$rep"
+    fi
+  done
+done
+
+echo "== memory per idle proxied connection ($IDLE_CONNS connections)"
+for t in "${TARGETS[@]}"; do
+  set -- $t
+  name=$1 echo_addr=$3 proc=$5
+  case "$proc" in -|socat) continue ;; esac   # socat forks a process per connection
+  m0=$(rss_of "$proc")
+  coproc HOLD { inns "$CL" bash -c "ulimit -n $(ulimit -Hn); exec $LG hold --target $echo_addr --conns $IDLE_CONNS --secs 120"; }
+  read -r ready held errors <&"${HOLD[0]}"
+  m1=$(rss_of "$proc")
+  rec "$name" idle_kib_per_conn "$(echo "scale=2; ($m1 - $m0) / $held" | bc)" 1
+  echo "   $name: $held held ($errors errors), RSS $m0 -> $m1 KiB"
+  exec {HOLD[1]}>&-
+  wait "$HOLD_PID" 2>/dev/null || true
+done
+
+fi  # ONLY_CP
+
+echo "== control plane: programming N service ports from the file"
+ip -n "$CP" link set lo up
+ip link add upbp0 netns "$CP" type veth peer name upbp1 netns "$SV"
+ip -n "$CP" addr add 10.10.3.1/24 dev upbp0; ip -n "$CP" link set upbp0 up
+ip -n "$SV" addr add 10.10.3.2/24 dev upbp1; ip -n "$SV" link set upbp1 up
+ip -n "$CP" route add default via 10.10.3.2
+for n in $CP_SIZES; do
+  gen() {  # $1 = number of services; each one TCP port, one endpoint (the server's echo)
+    cat <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: userspace
+healthzBindAddress: ""
+metricsBindAddress: ""
+hostnameOverride: bench-cp
+serviceClusterIPRange: 10.96.0.0/12
+EOF
+    for i in $(seq 1 "$1"); do
+      printf -- "---\napiVersion: v1\nkind: Service\nmetadata: {name: s%d, namespace: bench}\nspec: {clusterIP: 10.96.%d.%d, ports: [{name: p, port: 9000}]}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: s%d, namespace: bench}\nsubsets: [{addresses: [{ip: 10.10.2.2}], ports: [{name: p, port: 9000}]}]\n" "$i" $((i / 250 + 1)) $((i % 250 + 1)) "$i"
+    done
+  }
+  gen "$n" > "$WORK/cp.yaml"
+  last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
+  t0=$(date +%s.%N)
+  inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN --config $WORK/cp.yaml" 2>"$OUT/cp-$n.log" &
+  for _ in $(seq 1 1200); do
+    if inns "$CP" "$LG" rr --target "$last" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
+    sleep 0.05
+  done
+  t1=$(date +%s.%N)
+  rec userspace-proxy "program_${n}_s" "$(echo "$t1 - $t0" | bc)" 1
+  pid=$(ip netns pids "$CP" | head -1)
+  [ -n "$pid" ] || { echo "proxy with $n services died; see $OUT/cp-$n.log" >&2; exit 1; }
+  rec userspace-proxy "rss_${n}_mib" "$(echo "scale=1; $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024" | bc)" 1
+  # One more service: time from the file write (plus SIGHUP, the immediate-reload path; the
+  # file is otherwise polled every 500 ms) to its first answer.
+  m=$((n + 1))
+  gen "$m" > "$WORK/cp.next"
+  new="10.96.$((m / 250 + 1)).$((m % 250 + 1)):9000"
+  t0=$(date +%s.%N)
+  mv "$WORK/cp.next" "$WORK/cp.yaml"
+  kill -HUP "$pid"
+  for _ in $(seq 1 2000); do
+    if inns "$CP" "$LG" rr --target "$new" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
+  done
+  t1=$(date +%s.%N)
+  rec userspace-proxy "add_one_at_${n}_ms" "$(echo "($t1 - $t0) * 1000" | bc)" 1
+  kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  inns "$CP" "$BIN" --config "$WORK/cp.yaml" --cleanup 2>/dev/null || true
+  echo "   $n services: $(grep -c . "$RAW") rows so far"
+done
+
+"$REPORT" "$RAW" "$OUT"
+echo "== results: $OUT/results.md, $OUT/chart.svg"
+cat "$OUT/results.md"

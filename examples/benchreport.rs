@@ -1,0 +1,268 @@
+//! Turns `bench/results/raw.tsv` (target, metric, value, rep) into `results.md` (medians with
+//! their spread, ratios to the direct path and to the best peer), `results.json` and
+//! `chart.svg` (performance relative to direct, higher is better, for the headline metrics).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+const TARGETS: [&str; 5] = ["direct", "userspace-proxy", "haproxy", "nginx", "socat"];
+const PEERS: [&str; 3] = ["haproxy", "nginx", "socat"];
+
+/// (metric, label, higher is better)
+const METRICS: &[(&str, &str, bool)] = &[
+    ("tcp_bulk_1_gbps", "TCP bulk, 1 stream (Gbit/s)", true),
+    ("tcp_bulk_8_gbps", "TCP bulk, 8 streams (Gbit/s)", true),
+    ("cpu_s_per_gb", "proxy CPU per GB, 1 stream (s)", false),
+    ("rr_p50_us", "TCP req/resp p50 (µs)", false),
+    ("rr_p99_us", "TCP req/resp p99 (µs)", false),
+    ("crr_cps", "connect+exchange+close (conn/s)", true),
+    ("crr_p99_us", "connect+exchange+close p99 (µs)", false),
+    ("cpu_s_per_1k_conns", "proxy CPU per 1,000 conns (s)", false),
+    ("udp_rr_p50_us", "UDP req/resp p50 (µs)", false),
+    ("udp_rr_p99_us", "UDP req/resp p99 (µs)", false),
+    ("udp_flood_pps", "UDP flood delivered (pkt/s)", true),
+    ("udp_flood_loss", "UDP flood loss (fraction)", false),
+    ("idle_kib_per_conn", "RSS per idle connection (KiB)", false),
+];
+
+const CHART: &[&str] = &[
+    "tcp_bulk_1_gbps",
+    "tcp_bulk_8_gbps",
+    "rr_p50_us",
+    "rr_p99_us",
+    "crr_cps",
+    "udp_rr_p50_us",
+    "udp_flood_pps",
+];
+
+#[derive(Clone, Copy, Debug)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stat(mut v: Vec<f64>) -> Stat {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Stat {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        n,
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Performance relative to `base`, oriented so that > 1 is better.
+fn relative(v: f64, base: f64, higher_better: bool) -> f64 {
+    if higher_better {
+        v / base
+    } else {
+        base / v
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let raw = args.next().expect("raw.tsv path");
+    let out = std::path::PathBuf::from(args.next().expect("output dir"));
+    let text = std::fs::read_to_string(&raw).expect("read raw.tsv");
+    let mut values: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 4 {
+            continue;
+        }
+        let Ok(v) = f[2].trim().parse::<f64>() else {
+            continue;
+        };
+        if f[1].starts_with("program_") || f[1].starts_with("rss_") || f[1].starts_with("add_one_")
+        {
+            extra.insert(f[1].to_string(), v);
+        } else {
+            values
+                .entry((f[0].to_string(), f[1].to_string()))
+                .or_default()
+                .push(v);
+        }
+    }
+    let stats: BTreeMap<(String, String), Stat> =
+        values.into_iter().map(|(k, v)| (k, stat(v))).collect();
+    let get = |t: &str, m: &str| stats.get(&(t.to_string(), m.to_string())).copied();
+
+    let mut md = String::from("# Benchmark results\n\n");
+    let _ = writeln!(
+        md,
+        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat |\n|---|---|---|---|---|---|---|---|\n");
+    let mut json_rows = Vec::new();
+    for (metric, label, higher) in METRICS {
+        let cell = |t: &str| match get(t, metric) {
+            Some(s) if s.n > 1 => format!("{} [{}–{}]", fmt(s.median), fmt(s.min), fmt(s.max)),
+            Some(s) => fmt(s.median),
+            None => "–".into(),
+        };
+        let ours = get("userspace-proxy", metric);
+        let direct = get("direct", metric);
+        let best_peer = PEERS
+            .iter()
+            .filter_map(|p| get(p, metric).map(|s| (p, s.median)))
+            .max_by(|a, b| {
+                relative(a.1, 1.0, *higher)
+                    .partial_cmp(&relative(b.1, 1.0, *higher))
+                    .unwrap()
+            });
+        let vs_direct = match (ours, direct) {
+            (Some(o), Some(d)) if o.median > 0.0 && d.median > 0.0 => {
+                format!("{:.2}", relative(o.median, d.median, *higher))
+            }
+            _ => "–".into(),
+        };
+        let vs_peer = match (ours, best_peer) {
+            (Some(o), Some((p, v))) if o.median > 0.0 && v > 0.0 => {
+                format!("{:.2} ({p})", relative(o.median, v, *higher))
+            }
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {vs_direct} | {vs_peer} | {} | {} | {} |",
+            cell("direct"),
+            cell("userspace-proxy"),
+            cell("haproxy"),
+            cell("nginx"),
+            cell("socat")
+        );
+        let row: Vec<String> = TARGETS
+            .iter()
+            .filter_map(|t| {
+                get(t, metric).map(|s| {
+                    format!(
+                        "\"{t}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
+                        s.median, s.min, s.max
+                    )
+                })
+            })
+            .collect();
+        json_rows.push(format!("\"{metric}\":{{{}}}", row.join(",")));
+    }
+    if !extra.is_empty() {
+        md.push_str("\n## Control plane (userspace-proxy, from the file)\n\n| measure | value |\n|---|---|\n");
+        for (k, v) in &extra {
+            let label = if let Some(n) = k
+                .strip_prefix("program_")
+                .and_then(|s| s.strip_suffix("_s"))
+            {
+                format!("time to program {n} service ports (start → last one answers), s")
+            } else if let Some(n) = k.strip_prefix("rss_").and_then(|s| s.strip_suffix("_mib")) {
+                format!("RSS with {n} service ports, MiB")
+            } else if let Some(n) = k
+                .strip_prefix("add_one_at_")
+                .and_then(|s| s.strip_suffix("_ms"))
+            {
+                format!("one more service answering, with {n} present (file write + SIGHUP → first answer), ms")
+            } else {
+                k.clone()
+            };
+            let _ = writeln!(md, "| {label} | {} |", fmt(*v));
+        }
+        json_rows.push(format!(
+            "\"control_plane\":{{{}}}",
+            extra
+                .iter()
+                .map(|(k, v)| format!("\"{k}\":{v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    std::fs::write(out.join("results.md"), md).expect("write results.md");
+    std::fs::write(
+        out.join("results.json"),
+        format!("{{{}}}\n", json_rows.join(",")),
+    )
+    .expect("write results.json");
+    std::fs::write(out.join("chart.svg"), chart(&get)).expect("write chart.svg");
+}
+
+fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
+    let series = ["userspace-proxy", "haproxy", "nginx", "socat"];
+    let colors = ["#d9480f", "#1c7ed6", "#2f9e44", "#868e96"];
+    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
+    let plot_h = h - top - bottom;
+    let group_w = (w - left - 20.0) / CHART.len() as f64;
+    let bar_w = group_w / (series.len() as f64 + 1.0);
+    let mut rels: Vec<Vec<Option<f64>>> = Vec::new();
+    let mut max: f64 = 1.0;
+    for m in CHART {
+        let higher = METRICS
+            .iter()
+            .find(|x| x.0 == *m)
+            .map(|x| x.2)
+            .unwrap_or(true);
+        let d = get("direct", m).map(|s| s.median);
+        let row: Vec<Option<f64>> = series
+            .iter()
+            .map(|t| match (get(t, m), d) {
+                (Some(s), Some(d)) if s.median > 0.0 && d > 0.0 => {
+                    Some(relative(s.median, d, higher))
+                }
+                _ => None,
+            })
+            .collect();
+        for v in row.iter().flatten() {
+            max = max.max(*v);
+        }
+        rels.push(row);
+    }
+    let max = (max * 10.0).ceil() / 10.0;
+    let y = |v: f64| top + plot_h - v / max * plot_h;
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    let _ = writeln!(s, "<text x=\"{left}\" y=\"22\" font-size=\"15\">Performance relative to the direct path (1.0 = no proxy; higher is better)</text>");
+    for i in 0..=4 {
+        let v = max * i as f64 / 4.0;
+        let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{0}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{v:.2}</text>", w - 20.0, y(v), left - 6.0, y(v) + 4.0);
+    }
+    let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#000\" stroke-dasharray=\"4 3\"/>", w - 20.0, y(1.0));
+    for (gi, (m, row)) in CHART.iter().zip(&rels).enumerate() {
+        let gx = left + gi as f64 * group_w + bar_w / 2.0;
+        for (si, v) in row.iter().enumerate() {
+            if let Some(v) = v {
+                let x = gx + si as f64 * bar_w;
+                let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{} {m}: {v:.2}</title></rect>", y(*v), bar_w - 2.0, top + plot_h - y(*v), colors[si], series[si]);
+            }
+        }
+        let label = METRICS.iter().find(|x| x.0 == *m).map(|x| x.1).unwrap_or(m);
+        let _ = writeln!(
+            s,
+            "<text transform=\"translate({:.1},{:.1}) rotate(-25)\" text-anchor=\"end\">{}</text>",
+            gx + group_w / 2.0,
+            top + plot_h + 16.0,
+            label.replace('&', "&amp;")
+        );
+    }
+    for (si, name) in series.iter().enumerate() {
+        let x = left + 10.0 + si as f64 * 150.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{name}</text>", h - 18.0, colors[si], x + 16.0, h - 8.0);
+    }
+    s.push_str("</svg>\n");
+    s
+}
