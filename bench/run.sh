@@ -11,6 +11,7 @@
 # Every address exists only inside these namespaces. Every load is bounded in time and count.
 # Output: bench/results/{raw.tsv,results.md,results.json,chart.svg}.
 # Environment: REPS (default 3), SECS (iperf seconds, default 4), IDLE_CONNS (default 7000),
+# ONLY_TARGETS (e.g. "direct userspace-proxy haproxy"), ONLY_CP=1 (control plane only),
 # CP_SIZES (control-plane service counts, default "1000 10000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -181,6 +182,7 @@ for rep in $(seq 1 "$REPS"); do
   for t in "${TARGETS[@]}"; do
     set -- $t
     name=$1 bulk=$2 echo_addr=$3 udp=$4 proc=$5
+    if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
     echo "== rep $rep/$REPS: $name"
     for streams in 1 8; do
       c0=$(cpu_of "$proc")
@@ -214,6 +216,7 @@ for t in "${TARGETS[@]}"; do
   set -- $t
   name=$1 echo_addr=$3 proc=$5
   case "$proc" in -|socat) continue ;; esac   # socat forks a process per connection
+  if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
   m0=$(rss_of "$proc")
   coproc HOLD { inns "$CL" bash -c "ulimit -n $(ulimit -Hn); exec $LG hold --target $echo_addr --conns $IDLE_CONNS --secs 120"; }
   read -r ready held errors <&"${HOLD[0]}"
@@ -265,14 +268,13 @@ EOF
   m=$((n + 1))
   gen "$m" > "$WORK/cp.next"
   new="10.96.$((m / 250 + 1)).$((m % 250 + 1)):9000"
-  t0=$(date +%s.%N)
+  coproc PROBE { inns "$CP" "$LG" probe --target "$new" --within-ms 10000; }
+  read -r _started <&"${PROBE[0]}"
   mv "$WORK/cp.next" "$WORK/cp.yaml"
   kill -HUP "$pid"
-  for _ in $(seq 1 2000); do
-    if inns "$CP" "$LG" rr --target "$new" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
-  done
-  t1=$(date +%s.%N)
-  rec userspace-proxy "add_one_at_${n}_ms" "$(echo "($t1 - $t0) * 1000" | bc)" 1
+  read -r result <&"${PROBE[0]}"
+  wait "$PROBE_PID" 2>/dev/null || true
+  rec userspace-proxy "add_one_at_${n}_ms" "$(json "$result" ms)" 1
   kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   inns "$CP" "$BIN" --config "$WORK/cp.yaml" --cleanup 2>/dev/null || true
   echo "   $n services: $(grep -c . "$RAW") rows so far"

@@ -9,6 +9,8 @@
 //! loadgen udp-rr --target ADDR --count N --size B   UDP request/response
 //! loadgen udp-flood --target ADDR --secs N          UDP echo flood: delivered packets/s, loss
 //! loadgen hold   --target ADDR --conns N --secs N   open N connections, print READY, hold them
+//! loadgen probe  --target ADDR --within-ms N        retry a TCP exchange every few ms until it
+//!                                                   works; print the ms from start to success
 //! ```
 //! Results are one JSON object per run on stdout.
 
@@ -282,6 +284,29 @@ fn hold(target: SocketAddr, m: &HashMap<String, String>) {
     drop(held);
 }
 
+/// Polls with 5 ms connect timeouts until one exchange succeeds. Started before the change it
+/// measures, so the figure is an upper bound on the change's latency.
+fn probe(target: SocketAddr, m: &HashMap<String, String>) {
+    let within = Duration::from_millis(get(m, "within-ms", 5000u64).min(60_000));
+    let start = Instant::now();
+    println!("STARTED");
+    std::io::stdout().flush().ok();
+    let msg = [2u8; 100];
+    let mut buf = [0u8; 100];
+    while start.elapsed() < within {
+        let ok = TcpStream::connect_timeout(&target, Duration::from_millis(5)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            exchange(&mut s, &msg, &mut buf)
+        });
+        if ok.is_ok() {
+            println!("{{\"ms\":{:.1}}}", start.elapsed().as_secs_f64() * 1e3);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("{{\"ms\":-1}}");
+}
+
 fn main() {
     let (cmd, m) = args();
     if cmd == "serve" {
@@ -299,6 +324,7 @@ fn main() {
         "udp-rr" => udp_rr(target, &m),
         "udp-flood" => udp_flood(target, &m),
         "hold" => hold(target, &m),
+        "probe" => probe(target, &m),
         other => {
             eprintln!("loadgen: unknown command {other:?}");
             std::process::exit(2);

@@ -57,7 +57,11 @@ fn helper_backend() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(120),
     );
-    let tcp = TcpListener::bind((ip.as_str(), 8080)).expect("backend tcp bind");
+    let port: u16 = std::env::var("UP_TCP_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
+    let tcp = TcpListener::bind((ip.as_str(), port)).expect("backend tcp bind");
     let udp = UdpSocket::bind((ip.as_str(), 5353)).expect("backend udp bind");
     let uid = id.clone();
     std::thread::spawn(move || {
@@ -395,6 +399,15 @@ impl World {
         s
     }
 
+    /// Every proxy log of this world, whole.
+    fn full_log(&self) -> String {
+        (0..self.children.len())
+            .filter_map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("proxy{i}.log"))).ok()
+            })
+            .collect()
+    }
+
     /// The proxy port of a service, read from its REDIRECT rule.
     fn proxy_port(&self, comment: &str) -> Option<u16> {
         self.save()
@@ -576,6 +589,50 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         "direct UDP to proxy port {upp} reached a backend: {r:?}"
     );
 
+    // UDP conntrack: entries for the portal exist after traffic, and an endpoint change of the
+    // UDP port clears them, so clients do not keep a stale path.
+    let udp_entries = |w: &World| {
+        w.exec(
+            &w.node,
+            &["conntrack", "-L", "-p", "udp", "--orig-dst", "10.96.0.10"],
+        )
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains("dport=53"))
+                .count()
+        })
+        .unwrap_or(0)
+    };
+    ids(&w.client(&pod, "udp", "10.96.0.10:53", 2))?;
+    check!(
+        udp_entries(&w) > 0,
+        "no UDP conntrack entries for the portal after traffic"
+    );
+    let two_backends = services(true).replacen(
+        "- addresses: [{ip: 10.244.0.11}, {ip: 10.244.0.12}, {ip: 10.244.0.13}]\n  ports: [{name: http, port: 8080}, {name: dns",
+        "- addresses: [{ip: 10.244.0.11}, {ip: 10.244.0.12}]\n  ports: [{name: http, port: 8080}, {name: dns",
+        1,
+    );
+    check!(
+        two_backends != services(true),
+        "test config edit did not apply"
+    );
+    w.write_config(&format!("{HEAD}{two_backends}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while udp_entries(&w) > 0 {
+        check!(
+            Instant::now() < deadline,
+            "UDP conntrack entries not cleared 5 s after an endpoint change"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = ids(&w.client(&pod, "udp", "10.96.0.10:53", 4))?;
+    check!(
+        !m.contains_key("pod-c"),
+        "removed endpoint still answers: {m:?}"
+    );
+
     // Reload without `api`: its rules go, its port closes; the others keep serving.
     let api_pp = w
         .proxy_port("default/api:http")
@@ -646,8 +703,40 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
 fn minimal_shapes(ipt: &str) -> Result<(), String> {
     let mut w = World::new(ipt)?;
     w.backends()?;
+    // Something else on the node already holds TCP port 30081: the service asking for it as a
+    // NodePort fails alone; every other service works.
+    let exe = std::env::current_exe()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let node_ns = w.node.clone();
+    let squatter = [
+        ("UP_E2E_HELPER", "backend"),
+        ("UP_ID", "squatter"),
+        ("UP_IP", "0.0.0.0"),
+        ("UP_TCP_PORT", "30081"),
+        ("UP_LIFETIME", "60"),
+    ];
+    w.spawn_in(&node_ns, &exe, &[], &squatter)?;
+    let taken = "---
+apiVersion: v1
+kind: Service
+metadata: {name: taken, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  ports: [{name: http, port: 80, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: taken, namespace: default}
+subsets:
+- addresses: [{ip: 10.244.0.11}]
+  ports: [{name: http, port: 8080}]
+";
     w.write_config(&format!(
-        "{HEAD}netfilterExtensions: minimal\n{}",
+        "{HEAD}netfilterExtensions: minimal\n{}{taken}",
         services(false)
     ));
     w.start_proxy(&[])?;
@@ -666,6 +755,16 @@ fn minimal_shapes(ipt: &str) -> Result<(), String> {
             "-A KUBE-NODEPORT-CONTAINER -d 192.168.50.1/32 -p tcp -m tcp --dport 30080 -j REDIRECT"
         ),
         "per-address NodePort rule missing:\n{save}"
+    );
+    check!(
+        !save.contains("10.96.0.40"),
+        "the service whose NodePort is taken got rules:\n{save}"
+    );
+    check!(
+        w.full_log()
+            .contains("node port 30081/tcp is already in use"),
+        "no error naming the taken NodePort:\n{}",
+        w.log()
     );
     let pp = w
         .proxy_port("--dport 80 -j REDIRECT")

@@ -2,7 +2,8 @@
 //!
 //! Unlike the original, the accept loop never waits on a backend: each connection gets its own
 //! task, which checks the portal, dials (escalating timeouts, next endpoint on failure, affinity
-//! ignored on retry), then splices both directions until both are closed. Half-close is
+//! ignored on retry), then splices both directions until both are closed (`splice(2)`, zero
+//! copy; see [`super::splice`]). Half-close is
 //! propagated (`shutdown(Write)` on EOF), which the original dropped after its FD leaks; TCP
 //! keepalive reaps peers that vanish without a FIN, which is what leaked there.
 
@@ -114,12 +115,7 @@ async fn dial(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAdd
     None
 }
 
-async fn serve(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    kill: CancellationToken,
-) {
+async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: CancellationToken) {
     if let Some(allowed) = shared.allowed.load_full() {
         match original_dst(&client) {
             Ok(dst) if allowed.admits(dst) => {}
@@ -130,7 +126,7 @@ async fn serve(
             }
         }
     }
-    let Some((mut backend, endpoint)) = dial(&shared, peer).await else {
+    let Some((backend, endpoint)) = dial(&shared, peer).await else {
         return;
     };
     tune(&client);
@@ -139,7 +135,7 @@ async fn serve(
     Stats::add(&stats.connections_total, 1);
     Stats::add(&stats.connections_active, 1);
     let result = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut backend) => Some(r),
+        r = super::splice::relay(&client, &backend) => Some(r),
         _ = kill.cancelled() => None,
     };
     Stats::dec(&stats.connections_active);

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::SourceStats;
-use crate::config::file::ConfigFile;
+use crate::config::file::{ConfigFile, ParseCache};
 use crate::config::{self, Overrides, Settings};
 use crate::model::DesiredState;
 
@@ -32,6 +32,7 @@ pub struct FileSource {
     overrides: Overrides,
     running_config: config::KubeProxyConfiguration,
     last_text: Option<String>,
+    cache: ParseCache,
     stats: Arc<SourceStats>,
 }
 
@@ -63,6 +64,7 @@ impl FileSource {
             overrides,
             running_config: initial.proxy.clone(),
             last_text: Some(text),
+            cache: ParseCache::default(),
             stats: Arc::new(SourceStats::default()),
         }
     }
@@ -99,11 +101,12 @@ impl FileSource {
             return None;
         }
         self.last_text = Some(text.clone());
-        let parsed = ConfigFile::parse(&path.display().to_string(), &text).and_then(|mut f| {
-            f.proxy.apply(&self.overrides)?;
-            f.settings()?;
-            Ok(f)
-        });
+        let parsed = ConfigFile::parse_cached(&path.display().to_string(), &text, &mut self.cache)
+            .and_then(|mut f| {
+                f.proxy.apply(&self.overrides)?;
+                f.settings()?;
+                Ok(f)
+            });
         let file = match parsed {
             Ok(f) => f,
             Err(e) => {

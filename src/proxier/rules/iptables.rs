@@ -773,7 +773,7 @@ COMMIT
         b.service.external_ips.clear();
         b.service.load_balancer_ips.clear();
         b.proxy_port = 41000;
-        let one = render(&[a.clone()], &ctx);
+        let one = render(std::slice::from_ref(&a), &ctx);
         let two = render(&[a.clone(), b.clone()], &ctx);
         assert_eq!(delta(&one, &one), None);
         let add = delta(&one, &two).unwrap();
