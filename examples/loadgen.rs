@@ -37,18 +37,8 @@ fn get<T: std::str::FromStr>(m: &HashMap<String, String>, k: &str, default: T) -
 }
 
 fn guard(target: &SocketAddr) {
-    if target.ip().is_loopback() {
-        return;
-    }
-    let links: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    if links.iter().any(|l| l != "lo" && !l.starts_with("up")) {
-        eprintln!("loadgen: refusing non-loopback target {target} outside a benchmark namespace");
+    if let Err(e) = userspace_proxy::safety::check_target(target) {
+        eprintln!("loadgen: {e}");
         std::process::exit(2);
     }
 }

@@ -18,6 +18,7 @@
 //! - [`listener`]: the data plane (TCP splice, UDP sessions).
 //! - [`balancer`]: round robin with ClientIP affinity.
 //! - [`app`]: composition root and shutdown order.
+//! - [`safety`]: the traffic rule the project's own load and test tools obey.
 
 #![forbid(unsafe_code)]
 
@@ -27,5 +28,6 @@ pub mod config;
 pub mod listener;
 pub mod model;
 pub mod proxier;
+pub mod safety;
 pub mod signal;
 pub mod source;

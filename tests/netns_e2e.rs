@@ -25,25 +25,10 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 // === helpers run inside namespaces ===
 
-/// Refuses to send anywhere but loopback unless this process runs in a namespace that holds
-/// only `lo` and this test's own veth links (names starting with `up`).
+/// Refuses to send anywhere but loopback unless this process runs in a test namespace.
 fn guard_target(target: &SocketAddr) {
-    if target.ip().is_loopback() {
-        return;
-    }
-    let links: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let foreign: Vec<&String> = links
-        .iter()
-        .filter(|l| *l != "lo" && !l.starts_with("up"))
-        .collect();
-    if !foreign.is_empty() {
-        eprintln!("refusing to send to {target}: not inside a test namespace (links {foreign:?})");
+    if let Err(e) = userspace_proxy::safety::check_target(target) {
+        eprintln!("{e}");
         std::process::exit(2);
     }
 }
