@@ -165,15 +165,19 @@ pub fn spawn(
             // Bursts of datagrams must not be dropped by a small default buffer.
             socket.set_recv_buffer_size(4 << 20).ok();
             socket.set_send_buffer_size(4 << 20).ok();
+            let handle = udp::runtime();
+            // Register the socket with the UDP thread's reactor, and run its tasks there.
+            let _enter = handle.enter();
             let sock = tokio::net::UdpSocket::from_std(socket.into())?;
             let local = sock.local_addr()?;
-            tracker.spawn(udp::serve(
+            let serve = udp::serve(
                 Arc::new(sock),
                 shared.clone(),
                 tracker.clone(),
                 accept.clone(),
                 kill.clone(),
-            ));
+            );
+            tracker.spawn_on(serve, handle);
             local
         }
     };
