@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::file::ConfigFile;
+use crate::config::file::{ConfigFile, ParseCache};
 use crate::config::{self, Overrides, PortalMode, Settings};
+use crate::model::DesiredState;
 use crate::proxier::rules::{self, bind::Bind, iptables::Iptables, Backend};
 use crate::proxier::{self, Options, Proxier, Status};
 use crate::source::file::{self as file_source, FileSource};
@@ -50,6 +51,11 @@ pub struct Loaded {
     pub settings: Settings,
     /// The flags, re-applied on every reload.
     pub overrides: Overrides,
+    /// The desired state the file describes.
+    pub state: DesiredState,
+    /// Parsed documents, handed to the file source so its first reload re-parses only what
+    /// changed.
+    pub cache: ParseCache,
 }
 
 /// Loads and validates everything before anything is bound or installed.
@@ -70,17 +76,20 @@ pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, confi
             EMBEDDED_CONFIG.to_string(),
         ),
     };
-    let mut file = ConfigFile::parse(&origin, &text)?;
+    let mut cache = ParseCache::default();
+    let mut file = ConfigFile::parse_cached(&origin, &text, &mut cache)?;
     file.proxy.apply(&overrides)?;
     let settings = file.settings()?;
-    // Build the state once now so object errors stop the start too.
-    file.desired_state(&settings)?;
+    // Build the state now so object errors stop the start too.
+    let state = file_source::desired_from(&file, &settings)?;
     Ok(Loaded {
         path,
         text,
         file,
         settings,
         overrides,
+        state,
+        cache,
     })
 }
 
@@ -165,13 +174,14 @@ pub fn start(loaded: Loaded, backend: Backend, hup: mpsc::Receiver<()>) -> Resul
     let mut proxier = Proxier::new(opts, backend, tracker.clone(), kill.clone());
     proxier.init()?;
     let status = proxier.status();
-    let initial = file_source::desired_from(&loaded.file, &loaded.settings)?;
+    let initial = loaded.state;
     let source = FileSource::new(
         loaded.path.clone(),
         &loaded.file,
         loaded.text,
         loaded.settings.clone(),
         loaded.overrides,
+        loaded.cache,
     );
     let source_stats = source.stats();
     let (tx, rx) = watch::channel(None);

@@ -631,14 +631,22 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // While api existed, the guard chain silently dropped direct packets to its port; now the
-    // guard rule is gone and the socket closed, so the kernel refuses.
-    let r = w.client(&node, "tcp", &format!("127.0.0.1:{api_pp}"), 1);
-    check!(
-        r.iter()
-            .all(|r| r.as_ref().is_err_and(|e| e.contains("refused"))),
-        "api's proxy port should be closed (refused) after removal: {r:?}"
-    );
+    // While api existed, the guard chain silently dropped direct packets to its port; once its
+    // guard rule is gone and its socket closed (rules go first, by design), the kernel refuses.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = w.client(&node, "tcp", &format!("127.0.0.1:{api_pp}"), 1);
+        if r.iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.contains("refused")))
+        {
+            break;
+        }
+        check!(
+            Instant::now() < deadline,
+            "api's proxy port not closed (refused) 5 s after removal: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     ids(&w.client(&pod, "tcp", "10.96.0.10:80", 3))?;
 
     // Restart: rules are flushed and re-installed, never duplicated.
@@ -704,6 +712,7 @@ fn minimal_shapes(ipt: &str) -> Result<(), String> {
         ("UP_LIFETIME", "60"),
     ];
     w.spawn_in(&node_ns, &exe, &[], &squatter)?;
+    w.wait_serving(&node_ns, "tcp", "127.0.0.1:30081")?;
     let taken = "---
 apiVersion: v1
 kind: Service

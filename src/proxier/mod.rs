@@ -132,7 +132,8 @@ pub struct Status {
     /// Portal writes that failed, ever.
     pub rules_failures: u64,
     /// Every service port, by name.
-    pub ports: BTreeMap<ServicePortName, PortStatus>,
+    /// (Shared, so that publishing a new timestamp does not copy every port.)
+    pub ports: Arc<BTreeMap<ServicePortName, PortStatus>>,
 }
 
 impl Status {
@@ -514,26 +515,28 @@ impl Proxier {
 
     fn publish(&self, desired: &DesiredState) {
         let mut st = self.counters.clone();
-        st.ports = desired
-            .services
-            .iter()
-            .map(|(name, spec)| {
-                let a = self.applied.get(name);
-                let ps = PortStatus {
-                    name: name.clone(),
-                    protocol: spec.protocol,
-                    portals: spec.portal_addrs().collect(),
-                    node_port: spec.node_port,
-                    listen: a
-                        .map(|a| a.handles.iter().map(|h| h.local_addr).collect())
-                        .unwrap_or_default(),
-                    endpoints: a.map(|a| a.shared.balancer.endpoints()).unwrap_or_default(),
-                    stats: a.map(|a| a.shared.stats.clone()),
-                    error: self.failures.get(name).cloned(),
-                };
-                (name.clone(), ps)
-            })
-            .collect();
+        st.ports = Arc::new(
+            desired
+                .services
+                .iter()
+                .map(|(name, spec)| {
+                    let a = self.applied.get(name);
+                    let ps = PortStatus {
+                        name: name.clone(),
+                        protocol: spec.protocol,
+                        portals: spec.portal_addrs().collect(),
+                        node_port: spec.node_port,
+                        listen: a
+                            .map(|a| a.handles.iter().map(|h| h.local_addr).collect())
+                            .unwrap_or_default(),
+                        endpoints: a.map(|a| a.shared.balancer.endpoints()).unwrap_or_default(),
+                        stats: a.map(|a| a.shared.stats.clone()),
+                        error: self.failures.get(name).cloned(),
+                    };
+                    (name.clone(), ps)
+                })
+                .collect(),
+        );
         self.status.send_replace(Arc::new(st));
     }
 

@@ -50,13 +50,14 @@ pub fn desired_from(file: &ConfigFile, settings: &Settings) -> config::Result<De
 
 impl FileSource {
     /// A source for `path` (`None`: the embedded default, which never changes), starting from
-    /// the already-validated `initial` file.
+    /// the already-validated `initial` file and the parse `cache` that produced it.
     pub fn new(
         path: Option<PathBuf>,
         initial: &ConfigFile,
         text: String,
         settings: Settings,
         overrides: Overrides,
+        cache: ParseCache,
     ) -> Self {
         Self {
             path,
@@ -64,7 +65,7 @@ impl FileSource {
             overrides,
             running_config: initial.proxy.clone(),
             last_text: Some(text),
-            cache: ParseCache::default(),
+            cache,
             stats: Arc::new(SourceStats::default()),
         }
     }
