@@ -206,7 +206,7 @@ fn main() {
 fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
     let series = ["userspace-proxy", "haproxy", "nginx", "socat"];
     let colors = ["#d9480f", "#1c7ed6", "#2f9e44", "#868e96"];
-    let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 90.0);
+    let (w, h, left, top, bottom) = (960.0, 470.0, 130.0, 60.0, 130.0);
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / CHART.len() as f64;
     let bar_w = group_w / (series.len() as f64 + 1.0);
@@ -260,8 +260,8 @@ fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
         );
     }
     for (si, name) in series.iter().enumerate() {
-        let x = left + 10.0 + si as f64 * 150.0;
-        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{name}</text>", h - 18.0, colors[si], x + 16.0, h - 8.0);
+        let x = left + si as f64 * 150.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{name}</text>", colors[si], x + 16.0);
     }
     s.push_str("</svg>\n");
     s

@@ -125,7 +125,6 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             error!("{}", error_chain(&e));
-            eprintln!("error: {}", error_chain(&e));
             return ExitCode::from(EX_USAGE);
         }
     };
@@ -188,7 +187,6 @@ async fn run(loaded: app::Loaded) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             error!("{}", error_chain(&e));
-            eprintln!("error: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };

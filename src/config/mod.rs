@@ -44,19 +44,27 @@ pub enum Error {
     /// A document is not valid YAML, or not an object this program knows.
     #[error("{origin}: document {document}: {message}")]
     Document {
-        /// The file (or `<flags>`, `<embedded default>`).
+        /// The file (or `<embedded default>`).
         origin: String,
         /// 1-based document number.
         document: usize,
         /// What is wrong.
         message: String,
     },
+    /// A command-line flag has a value that cannot be used.
+    #[error("flag {flag}: {message}")]
+    Flag {
+        /// The flag, e.g. `--udp-timeout`.
+        flag: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A field of an object has a value that cannot be used.
     #[error("{origin}: document {document} ({object}): field {field}: {message}")]
     Field {
-        /// The file (or `<flags>`, `<embedded default>`).
+        /// The file (or `<embedded default>`).
         origin: String,
-        /// 1-based document number (0 for flags).
+        /// 1-based document number.
         document: usize,
         /// `KubeProxyConfiguration`, `Service default/web`.
         object: String,
@@ -396,11 +404,8 @@ impl KubeProxyConfiguration {
     /// # Errors
     /// A flag value that does not parse (named by the flag).
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
-        let flag_err = |flag: &str, message: String| Error::Field {
-            origin: "<flags>".into(),
-            document: 0,
-            object: "command line".into(),
-            field: flag.into(),
+        let flag_err = |flag: &str, message: String| Error::Flag {
+            flag: flag.into(),
             message,
         };
         if let Some(v) = &o.proxy_mode {
