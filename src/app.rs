@@ -5,6 +5,7 @@
 //! drain for `shutdownGracePeriod` → whatever is left is cut → exit. Portals stay in place, as
 //! kube-proxy leaves its rules; the next start flushes and re-installs them.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::config::file::{ConfigFile, ParseCache};
 use crate::config::{self, Overrides, PortalMode, Settings};
 use crate::model::DesiredState;
@@ -33,6 +35,15 @@ pub enum Error {
     /// The proxier could not start.
     #[error("cannot start the proxier")]
     Proxier(#[from] proxier::Error),
+    /// An admin server could not bind and `bindAddressHardFail` is set.
+    #[error("cannot serve on {addr} (bindAddressHardFail)")]
+    Admin {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -144,6 +155,10 @@ pub struct Running {
     pub source: Arc<SourceStats>,
     /// Cancel to stop.
     pub cancel: CancellationToken,
+    /// Where the health server listens (if it is enabled and bound).
+    pub healthz_addr: Option<SocketAddr>,
+    /// Where the metrics server listens (if it is enabled and bound).
+    pub metrics_addr: Option<SocketAddr>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -165,7 +180,11 @@ impl Running {
 ///
 /// # Errors
 /// Portals cannot be initialised.
-pub fn start(loaded: Loaded, backend: Backend, hup: mpsc::Receiver<()>) -> Result<Running, Error> {
+pub async fn start(
+    loaded: Loaded,
+    backend: Backend,
+    hup: mpsc::Receiver<()>,
+) -> Result<Running, Error> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let kill = CancellationToken::new();
@@ -174,6 +193,40 @@ pub fn start(loaded: Loaded, backend: Backend, hup: mpsc::Receiver<()>) -> Resul
     let mut proxier = Proxier::new(opts, backend, tracker.clone(), kill.clone());
     proxier.init()?;
     let status = proxier.status();
+    let admin_state = AdminState {
+        status: proxier.status(),
+        config_json: serde_json::to_string_pretty(&loaded.file.proxy).unwrap_or_default(),
+        health_timeout: loaded.settings.sync_period * 2,
+    };
+    let hard_fail = loaded.settings.bind_address_hard_fail;
+    let mut healthz_addr = None;
+    if let Some(addr) = loaded.settings.healthz_bind_address {
+        let st = admin_state.clone();
+        healthz_addr = admin::start(
+            "healthz",
+            addr,
+            hard_fail,
+            move |p| st.route_healthz(p),
+            &tracker,
+            cancel.clone(),
+        )
+        .await
+        .map_err(|source| Error::Admin { addr, source })?;
+    }
+    let mut metrics_addr = None;
+    if let Some(addr) = loaded.settings.metrics_bind_address {
+        let st = admin_state;
+        metrics_addr = admin::start(
+            "metrics",
+            addr,
+            hard_fail,
+            move |p| st.route_metrics(p),
+            &tracker,
+            cancel.clone(),
+        )
+        .await
+        .map_err(|source| Error::Admin { addr, source })?;
+    }
     let initial = loaded.state;
     let source = FileSource::new(
         loaded.path.clone(),
@@ -202,6 +255,8 @@ pub fn start(loaded: Loaded, backend: Backend, hup: mpsc::Receiver<()>) -> Resul
         info!("stopped");
     });
     Ok(Running {
+        healthz_addr,
+        metrics_addr,
         status,
         source: source_stats,
         cancel,

@@ -17,15 +17,19 @@
 //! - [`proxier`]: the only code that changes the node: plan, listeners, portals.
 //! - [`listener`]: the data plane (TCP splice, UDP sessions).
 //! - [`balancer`]: round robin with ClientIP affinity.
+//! - [`admin`]: `/healthz`, `/livez`, `/metrics`, `/proxyMode`, `/configz`.
+//! - [`metrics`]: Prometheus text rendering of the proxier's status.
 //! - [`app`]: composition root and shutdown order.
 //! - [`safety`]: the traffic rule the project's own load and test tools obey.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod balancer;
 pub mod config;
 pub mod listener;
+pub mod metrics;
 pub mod model;
 pub mod proxier;
 pub mod safety;

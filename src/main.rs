@@ -183,7 +183,7 @@ async fn run(loaded: app::Loaded) -> ExitCode {
         }
     };
     let backend = app::backend_for(&loaded.settings);
-    let running = match app::start(loaded, backend, hup) {
+    let running = match app::start(loaded, backend, hup).await {
         Ok(r) => r,
         Err(e) => {
             error!("{}", error_chain(&e));

@@ -134,6 +134,14 @@ pub struct Status {
     /// Every service port, by name.
     /// (Shared, so that publishing a new timestamp does not copy every port.)
     pub ports: Arc<BTreeMap<ServicePortName, PortStatus>>,
+    /// Sync durations.
+    pub sync_duration: crate::metrics::Histogram,
+    /// Time from a change being queued to the end of the sync that applied it.
+    pub programming_duration: crate::metrics::Histogram,
+    /// Service ports opened, replaced, updated or closed, ever.
+    pub service_changes: u64,
+    /// Endpoint set changes applied, ever.
+    pub endpoint_changes: u64,
 }
 
 impl Status {
@@ -442,6 +450,7 @@ impl Proxier {
                 .update(&backends, affinity_timeout(a.spec.affinity))
             {
                 a.shared.generation.fetch_add(1, Ordering::Relaxed);
+                self.counters.endpoint_changes += 1;
                 debug!(service = %name, endpoints = ?backends, "endpoints changed");
                 if a.spec.protocol == Protocol::Udp {
                     flush.extend(a.spec.portal_addrs());
@@ -484,8 +493,25 @@ impl Proxier {
             }
         }
         self.counters.syncs += 1;
-        self.counters.last_sync = Some(SystemTime::now());
+        let now = SystemTime::now();
+        self.counters.last_sync = Some(now);
         self.counters.last_sync_duration = started.elapsed();
+        self.counters
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.counters.service_changes +=
+            (plan.open.len() + plan.replace.len() + plan.update.len() + plan.close.len()) as u64;
+        if let Some(queued) = self
+            .counters
+            .last_queued
+            .and_then(|q| now.duration_since(q).ok())
+        {
+            if !plan.is_empty() {
+                self.counters
+                    .programming_duration
+                    .observe(queued.as_secs_f64());
+            }
+        }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         debug!(
             listeners_ms = t_listeners.as_secs_f64() * 1e3,

@@ -152,7 +152,9 @@ impl Proxy {
         std::fs::write(&path, text).unwrap();
         let loaded = app::load(Some(path.clone()), Overrides::default()).expect("config loads");
         let (hup, rx) = mpsc::channel(1);
-        let running = app::start(loaded, Backend::None, rx).expect("proxy starts");
+        let running = app::start(loaded, Backend::None, rx)
+            .await
+            .expect("proxy starts");
         Proxy {
             running,
             path,
