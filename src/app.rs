@@ -104,6 +104,28 @@ pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, confi
     })
 }
 
+/// Descriptors kube-proxy's userspace mode asked for (`setRLimit(64*1000)`).
+pub const WANTED_NOFILE: u64 = 64_000;
+
+/// Raises the open-file limit as far as the system allows: first to at least
+/// [`WANTED_NOFILE`] (soft and hard, which needs privilege), else the soft limit up to the hard
+/// one. Never fatal, unlike the original: a proxy with fewer descriptors still serves, and
+/// running out is handled by backing off. Returns the (soft, hard) limit in force.
+pub fn raise_nofile_limit() -> (u64, u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return (0, 0);
+    };
+    let want = WANTED_NOFILE.max(soft);
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return (want, want);
+    }
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((soft, hard))
+}
+
 /// The portal backend the settings ask for.
 pub fn backend_for(settings: &Settings) -> Backend {
     match settings.portal_mode {

@@ -19,8 +19,10 @@ const EX_USAGE: u8 = 64;
 struct Cli {
     /// Configuration file: a KubeProxyConfiguration, then Services, Endpoints and
     /// EndpointSlices. Without it the embedded example configuration is used.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Proxy mode; only `userspace` is implemented.
     #[arg(long, value_name = "MODE")]
     proxy_mode: Option<String>,
@@ -60,6 +62,17 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Show what a running proxy serves: one line per service port with its portals, proxy
+    /// port, endpoints and live connections (from its metrics server's /debug/services).
+    Status {
+        /// The metrics server to ask; default: metricsBindAddress of --config.
+        #[arg(long, value_name = "IP:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
+    },
 }
 
 fn parse_extensions(s: &str) -> Result<ExtensionsMode, String> {
@@ -118,7 +131,7 @@ fn main() -> ExitCode {
         iptables_command: cli.iptables_command.clone(),
         ..Default::default()
     };
-    if cli.config.is_none() && !cli.cleanup {
+    if cli.config.is_none() && !cli.cleanup && cli.command.is_none() {
         warn!("no --config given: serving the embedded example configuration");
     }
     let loaded = match app::load(cli.config.clone(), overrides) {
@@ -128,6 +141,26 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if let Some(Command::Status { metrics_address }) = cli.command {
+        let Some(addr) = metrics_address.or(loaded.settings.metrics_bind_address) else {
+            error!("no metrics server configured (metricsBindAddress is empty); pass --metrics-address");
+            return ExitCode::from(EX_USAGE);
+        };
+        return match userspace_proxy::admin::fetch(addr, "/debug/services") {
+            Ok((200, body)) => {
+                print!("{body}");
+                ExitCode::SUCCESS
+            }
+            Ok((code, body)) => {
+                error!(code, "the proxy answered {}", body.trim());
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                error!(%addr, error = %e, "cannot reach the proxy's metrics server");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.cleanup {
         return match app::cleanup(&loaded.settings) {
             Ok(()) => {
@@ -156,6 +189,12 @@ fn main() -> ExitCode {
 async fn run(loaded: app::Loaded) -> ExitCode {
     if !loaded.file.proxy.client_connection.kubeconfig.is_empty() {
         warn!("clientConnection.kubeconfig is set, but this build serves services from the configuration file only");
+    }
+    let (soft, hard) = app::raise_nofile_limit();
+    if soft < app::WANTED_NOFILE {
+        warn!(nofile_soft = soft, nofile_hard = hard, wanted = app::WANTED_NOFILE, "open-file limit is below what kube-proxy asked for; running out is handled by backing off");
+    } else {
+        info!(nofile_soft = soft, nofile_hard = hard, "open-file limit");
     }
     if let Some(adj) = loaded.settings.oom_score_adj {
         if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
