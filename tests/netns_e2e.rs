@@ -68,6 +68,9 @@ fn helper_backend() {
 fn helper_client() {
     let proto = std::env::var("UP_PROTO").unwrap();
     let target: SocketAddr = std::env::var("UP_TARGET").unwrap().parse().unwrap();
+    if proto == "load" {
+        return helper_load(target);
+    }
     let count: usize = std::env::var("UP_COUNT").unwrap().parse().unwrap();
     guard_target(&target);
     for _ in 0..count.min(1000) {
@@ -80,6 +83,48 @@ fn helper_client() {
             Ok(id) => println!("ID {id}"),
             Err(e) => println!("ERR {e}"),
         }
+    }
+}
+
+/// Steady TCP load for `UP_SECS` seconds (at most 20): one connection after another, each a
+/// full exchange. Prints `STARTED` after the first success, then `LOAD <ok> <failed> <stalled>`
+/// and the first few errors. A stalled connection took 900 ms or more: its SYN was dropped and
+/// retransmitted (TCP's first retransmission is at 1 s), which is how a portal gap shows when
+/// packets are dropped rather than refused.
+fn helper_load(target: SocketAddr) {
+    guard_target(&target);
+    let secs = std::env::var("UP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4u64)
+        .min(20);
+    let end = Instant::now() + Duration::from_secs(secs);
+    let (mut ok, mut failed, mut stalled, mut errors) = (0u64, 0u64, 0u64, Vec::new());
+    while Instant::now() < end {
+        let t = Instant::now();
+        let r = tcp_once(target);
+        if t.elapsed() >= Duration::from_millis(900) {
+            stalled += 1;
+        }
+        match r {
+            Ok(_) => {
+                ok += 1;
+                if ok == 1 {
+                    println!("STARTED");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 5 {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    println!("LOAD {ok} {failed} {stalled}");
+    for e in errors {
+        println!("ERR {e}");
     }
 }
 
@@ -825,6 +870,86 @@ fn bind_mode(ipt: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A restart under steady load refuses no connection: the new process adopts the proxy ports
+/// the old one's rules point at (SO_REUSEPORT), and connections still queued on the old
+/// listeners migrate to the new ones when it closes them (tcp_migrate_req).
+fn restart_under_load(ipt: &str) -> Result<(), String> {
+    let mut w = World::new(ipt)?;
+    w.backends()?;
+    w.write_config(&format!("{HEAD}{}", services(false)));
+    let old = w.start_proxy(&[])?;
+    let pod = w.pod.clone();
+    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
+    let port_before = w.proxy_port("default/web:http").ok_or("no proxy port")?;
+
+    let exe = std::env::current_exe().unwrap();
+    let mut load = Command::new("ip")
+        .args(["netns", "exec", &pod, exe.to_str().unwrap()])
+        .env("UP_E2E_HELPER", "client")
+        .env("UP_PROTO", "load")
+        .env("UP_TARGET", "10.96.0.10:80")
+        .env("UP_SECS", "4")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(load.stdout.take().unwrap()).lines();
+    check!(
+        lines.next().and_then(|l| l.ok()).as_deref() == Some("STARTED"),
+        "load never started"
+    );
+
+    let new = w.start_proxy(&[])?;
+    let new_log = w.dir.path().join(format!("proxy{new}.log"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&new_log).unwrap_or_default();
+        if log.contains("sync complete") {
+            check!(
+                log.contains("adopting their proxy ports"),
+                "the new proxy did not adopt:\n{log}"
+            );
+            break;
+        }
+        check!(
+            Instant::now() < deadline,
+            "the new proxy never synced:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.stop(old)?;
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let _ = load.wait();
+    let summary = rest
+        .iter()
+        .find_map(|l| l.strip_prefix("LOAD "))
+        .ok_or_else(|| format!("no load summary: {rest:?}"))?;
+    let n: Vec<u64> = summary
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let (ok, failed, stalled) = (n[0], n[1], n[2]);
+    check!(
+        stalled == 0,
+        "{stalled} connections stalled for a SYN retransmission across the restart (a portal gap)"
+    );
+    check!(
+        failed == 0,
+        "{failed} of {} connections failed across the restart: {rest:?}",
+        ok + failed
+    );
+    check!(
+        ok > 20,
+        "too little load to show anything: {ok} connections"
+    );
+    check!(
+        w.proxy_port("default/web:http") == Some(port_before),
+        "the proxy port changed across the restart"
+    );
+    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
+    println!("    restart under load: {ok} connections, 0 failed");
+    Ok(())
+}
+
 fn skip_reason() -> Option<String> {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -857,7 +982,7 @@ fn main() {
         eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         eprintln!("!! netns_e2e SKIPPED: {why}. These tests need root (CI runs them).");
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-        println!("netns_e2e: 0 passed, 0 failed, 3 skipped");
+        println!("netns_e2e: 0 passed, 0 failed, 4 skipped");
         return;
     }
     let mut flavours = vec!["iptables-nft"];
@@ -871,7 +996,8 @@ fn main() {
         eprintln!("note: iptables-legacy not installed; running the nft flavour only");
     }
     type Scenario = fn(&str) -> Result<(), String>;
-    let scenarios: [(&str, Scenario); 3] = [
+    let scenarios: [(&str, Scenario); 4] = [
+        ("restart_under_load", restart_under_load),
         ("full_lifecycle", full_lifecycle),
         ("minimal_shapes", minimal_shapes),
         ("bind_mode", bind_mode),

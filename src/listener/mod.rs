@@ -116,6 +116,9 @@ pub fn bind_socket(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::
     };
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
+    // A restarted proxy binds the same proxy ports while its predecessor still listens, so
+    // that no connection is refused across the restart (only same-user sockets may join).
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }

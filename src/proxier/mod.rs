@@ -172,6 +172,8 @@ pub struct Proxier {
     kill: CancellationToken,
     status: watch::Sender<Arc<Status>>,
     counters: Status,
+    /// Proxy ports of a previous run, by portal, re-bound where possible.
+    adopt: std::collections::HashMap<(IpAddr, Protocol, u16), u16>,
 }
 
 fn listen_key(opts: &Options, spec: &ServicePort) -> ListenKey {
@@ -238,6 +240,7 @@ impl Proxier {
             kill,
             status,
             counters: Status::default(),
+            adopt: Default::default(),
         }
     }
 
@@ -251,7 +254,20 @@ impl Proxier {
     /// # Errors
     /// The portal backend cannot be prepared.
     pub fn init(&mut self) -> Result<(), Error> {
-        self.backend.init().map_err(Error::Init)
+        self.backend.init().map_err(Error::Init)?;
+        self.adopt = self.backend.take_adoptable();
+        if !self.adopt.is_empty() {
+            info!(
+                ports = self.adopt.len(),
+                "found the portal rules of a previous run; adopting their proxy ports"
+            );
+            // Connections queued on the predecessor's listeners move to ours when it closes
+            // them (Linux >= 5.14), instead of being reset.
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+                warn!(error = %e, "cannot enable net.ipv4.tcp_migrate_req; connections queued on the previous process may be reset");
+            }
+        }
+        Ok(())
     }
 
     fn claim_node_port(&self, spec: &ServicePort) -> Result<Option<(u16, Socket)>, String> {
@@ -311,26 +327,40 @@ impl Proxier {
             }
             proxy_port = spec.port;
         } else {
+            let previous = self
+                .adopt
+                .remove(&(spec.cluster_ip, spec.protocol, spec.port));
             let (bind, tracker, listeners, kill) = (
                 self.opts.bind_address,
                 &self.tracker,
                 &self.listeners,
                 &self.kill,
             );
-            let (_, h) = self
-                .allocator
-                .allocate(|port| {
-                    listener::spawn(
-                        spec.protocol,
-                        SocketAddr::new(bind, port),
-                        false,
-                        shared.clone(),
-                        tracker,
-                        listeners,
-                        kill,
-                    )
-                })
-                .map_err(|e| format!("cannot listen on {bind}/{}: {e}", spec.protocol))?;
+            // The port a previous run's rules point at, if it can be bound (SO_REUSEPORT lets us
+            // join a predecessor that is still draining).
+            let adopted = previous.and_then(|port| {
+                listener::spawn(spec.protocol, SocketAddr::new(bind, port), false, shared.clone(), tracker, listeners, kill)
+                    .map_err(|e| debug!(service = %spec.name, port, error = %e, "cannot adopt the previous proxy port"))
+                    .ok()
+            });
+            let (_, h) = if let Some(h) = adopted {
+                debug!(service = %spec.name, port = h.local_addr.port(), "adopted the previous proxy port");
+                (h.local_addr.port(), h)
+            } else {
+                self.allocator
+                    .allocate(|port| {
+                        listener::spawn(
+                            spec.protocol,
+                            SocketAddr::new(bind, port),
+                            false,
+                            shared.clone(),
+                            tracker,
+                            listeners,
+                            kill,
+                        )
+                    })
+                    .map_err(|e| format!("cannot listen on {bind}/{}: {e}", spec.protocol))?
+            };
             proxy_port = h.local_addr.port();
             self.allocator.mark(proxy_port);
             handles.push(h);

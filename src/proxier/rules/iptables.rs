@@ -290,6 +290,42 @@ pub fn render(portals: &[Portal], ctx: &RenderContext<'_>) -> String {
     out
 }
 
+/// Proxy ports a previous run's portal rules point at, keyed by portal (`ip`, protocol,
+/// service port): read from `iptables-save -t nat` output. Works for both rule shapes (it keys
+/// on the destination, not on comments).
+pub fn adoptable_ports(save: &str) -> std::collections::HashMap<(IpAddr, Protocol, u16), u16> {
+    let mut out = std::collections::HashMap::new();
+    for line in save
+        .lines()
+        .filter(|l| l.starts_with(&format!("-A {PORTALS_CONTAINER} ")))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |flag: &str| {
+            words
+                .iter()
+                .position(|w| *w == flag)
+                .and_then(|i| words.get(i + 1))
+                .copied()
+        };
+        let ip = after("-d")
+            .and_then(|d| d.split('/').next())
+            .and_then(|d| d.parse::<IpAddr>().ok());
+        let proto = match after("-p") {
+            Some("tcp") => Some(Protocol::Tcp),
+            Some("udp") => Some(Protocol::Udp),
+            _ => None,
+        };
+        let dport = after("--dport").and_then(|p| p.parse::<u16>().ok());
+        let target = after("--to-ports")
+            .or_else(|| after("--to-destination").and_then(|d| d.rsplit(':').next()))
+            .and_then(|p| p.parse::<u16>().ok());
+        if let (Some(ip), Some(proto), Some(dport), Some(target)) = (ip, proto, dport, target) {
+            out.insert((ip, proto, dport), target);
+        }
+    }
+    out
+}
+
 /// The rules of a rendering, by table, as a multiset of `-A ...` lines.
 fn rule_lines(payload: &str) -> BTreeMap<&str, BTreeMap<&str, usize>> {
     let mut out: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
@@ -342,6 +378,8 @@ pub struct Iptables {
     mode: ExtensionsMode,
     shapes: Shapes,
     last_written: Option<String>,
+    /// Proxy ports of a previous run, by portal, until the proxier takes them.
+    adopt: std::collections::HashMap<(IpAddr, Protocol, u16), u16>,
 }
 
 /// True when a failure is iptables saying a match or target extension is missing.
@@ -371,7 +409,13 @@ impl Iptables {
             mode,
             shapes,
             last_written: None,
+            adopt: Default::default(),
         }
+    }
+
+    /// Hands over the proxy ports a previous run's rules point at (see [`adoptable_ports`]).
+    pub fn take_adoptable(&mut self) -> std::collections::HashMap<(IpAddr, Protocol, u16), u16> {
+        std::mem::take(&mut self.adopt)
     }
 
     /// The rule shapes in use.
@@ -429,8 +473,10 @@ impl Iptables {
     }
 
     /// Creates our chains and jump rules (falling back to minimal shapes when the kernel lacks
-    /// an extension, in `auto` mode) and flushes rules a previous run left behind: their proxy
-    /// ports are gone with that process.
+    /// an extension, in `auto` mode) and reads the proxy ports the rules of a previous run point
+    /// at. Unlike the original, which flushed those rules at start (refusing every connection
+    /// until its new rules were in), they stay until the first sync replaces our chains whole;
+    /// the proxier re-binds the same ports where it can, so they stay valid.
     ///
     /// # Errors
     /// iptables cannot be run or refuses even the minimal rules.
@@ -451,21 +497,12 @@ impl Iptables {
             }
             other => other?,
         }
-        let node = NodeAddrs {
-            host_ip: None,
-            local: vec![],
-        };
-        let empty = render(
-            &[],
-            &RenderContext {
-                bind: self.bind,
-                node: &node,
-                shapes: self.shapes,
-            },
-        );
-        self.restore(&empty)?;
-        self.last_written = Some(empty);
-        info!(binary = %self.binary, shapes = ?self.shapes, "iptables portals initialised; leftovers flushed");
+        // Leftover rules stay until the first sync replaces our chains whole, atomically: a
+        // restarted proxy adopts the proxy ports they point at, so they stay valid throughout.
+        let save = run(&format!("{}-save", self.binary), &["-t", "nat"], None).unwrap_or_default();
+        self.adopt = adoptable_ports(&save);
+        self.last_written = None;
+        info!(binary = %self.binary, shapes = ?self.shapes, "iptables portals initialised");
         Ok(())
     }
 
@@ -755,6 +792,23 @@ COMMIT
         assert!(got.contains("-A KUBE-NODEPORT-CONTAINER -p tcp -m tcp --dport 30080 -d 192.168.1.10/32 -j REDIRECT --to-ports 41234"));
         // External IPs handled like cluster IPs.
         assert!(got.contains("-A KUBE-PORTALS-CONTAINER -p tcp -m tcp --dport 80 -d 203.0.113.7/32 -j REDIRECT --to-ports 41234"));
+    }
+
+    #[test]
+    fn adoptable_ports_are_read_from_either_shape() {
+        let save = "\
+*nat
+-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 41234
+-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p udp -m udp --dport 53 -j DNAT --to-destination 192.168.1.20:41300
+-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.168.1.10:1
+-A PREROUTING -j KUBE-PORTALS-CONTAINER
+COMMIT
+";
+        let got = adoptable_ports(save);
+        let ip: IpAddr = "10.96.0.10".parse().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&(ip, Protocol::Tcp, 80)], 41234);
+        assert_eq!(got[&(ip, Protocol::Udp, 53)], 41300);
     }
 
     #[test]

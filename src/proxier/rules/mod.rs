@@ -150,6 +150,17 @@ impl Backend {
         }
     }
 
+    /// Proxy ports a previous run's rules point at, by portal (`ip`, protocol, port), for the
+    /// proxier to re-bind (iptables only; other backends have nothing to adopt).
+    pub fn take_adoptable(
+        &mut self,
+    ) -> std::collections::HashMap<(IpAddr, crate::model::Protocol, u16), u16> {
+        match self {
+            Backend::Iptables(i) => i.take_adoptable(),
+            _ => Default::default(),
+        }
+    }
+
     /// Whether `SO_ORIGINAL_DST` identifies portal traffic (NAT backends only).
     pub fn guards_by_original_dst(&self) -> bool {
         matches!(self, Backend::Iptables(_))
