@@ -62,6 +62,10 @@ pub struct AdminState {
     pub config_json: String,
     /// Health timeout (2 × `syncPeriod`).
     pub health_timeout: Duration,
+    /// When the source last delivered a change, stamped by a watcher that does not depend on
+    /// the sync loop (as kube-proxy's event handlers call `QueuedUpdate`): a loop that is stuck
+    /// cannot hide a queued change.
+    pub queued: Arc<std::sync::Mutex<Option<SystemTime>>>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -72,7 +76,13 @@ impl AdminState {
     fn health(&self) -> Response {
         let st = self.status.borrow().clone();
         let now = SystemTime::now();
-        let ok = healthy(now, st.last_queued, st.last_sync, self.health_timeout);
+        let queued = *self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let ok = healthy(
+            now,
+            queued.max(st.last_queued),
+            st.last_sync,
+            self.health_timeout,
+        );
         // As kube-proxy: when healthy, lastUpdated reads as now.
         let last = if ok { Some(now) } else { st.last_sync };
         let body = format!(

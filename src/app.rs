@@ -219,7 +219,9 @@ pub async fn start(
         status: proxier.status(),
         config_json: serde_json::to_string_pretty(&loaded.file.proxy).unwrap_or_default(),
         health_timeout: loaded.settings.sync_period * 2,
+        queued: Default::default(),
     };
+    let queued = admin_state.queued.clone();
     let hard_fail = loaded.settings.bind_address_hard_fail;
     let mut healthz_addr = None;
     if let Some(addr) = loaded.settings.healthz_bind_address {
@@ -261,6 +263,18 @@ pub async fn start(
     let source_stats = source.stats();
     let (tx, rx) = watch::channel(None);
     tracker.spawn(source.run(initial, tx, hup, cancel.clone()));
+    let (mut changes, stop) = (rx.clone(), cancel.clone());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = changes.changed() => {
+                    if r.is_err() { break; }
+                    *queued.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::SystemTime::now());
+                }
+            }
+        }
+    });
     let root = cancel.clone();
     let done = tokio::spawn(async move {
         let mut proxier = proxier.run(rx, root).await;

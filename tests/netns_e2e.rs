@@ -71,6 +71,22 @@ fn helper_client() {
     if proto == "load" {
         return helper_load(target);
     }
+    if proto == "http" {
+        let path = std::env::var("UP_PATH").unwrap_or_else(|_| "/".into());
+        let code = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok(line.split_whitespace().nth(1).unwrap_or("?").to_string())
+        })();
+        match code {
+            Ok(c) => println!("ID {c}"),
+            Err(e) => println!("ERR {e}"),
+        }
+        return;
+    }
     let count: usize = std::env::var("UP_COUNT").unwrap().parse().unwrap();
     guard_target(&target);
     for _ in 0..count.min(1000) {
@@ -325,6 +341,8 @@ impl World {
         )
         .unwrap();
         let mut cmd = Command::new("ip");
+        // A lock file of this world's own: scenarios never wait on (or hold) the host's.
+        cmd.env("XTABLES_LOCKFILE", self.dir.path().join("xtables.lock"));
         cmd.args([
             "netns",
             "exec",
@@ -950,6 +968,90 @@ fn restart_under_load(ipt: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// /healthz turns 503 when a queued change cannot be applied within 2 x syncPeriod (here the
+/// xtables lock is held, so iptables-restore waits), and 200 again once it is applied.
+/// iptables-legacy only: it is the flavour that takes the xtables lock.
+fn health_flips(ipt: &str) -> Result<(), String> {
+    let mut w = World::new(ipt)?;
+    w.backends()?;
+    let head = HEAD
+        .replace(
+            "healthzBindAddress: \"\"",
+            "healthzBindAddress: 127.0.0.1:10256",
+        )
+        .replace("syncPeriod: 30s", "syncPeriod: 1s");
+    w.write_config(&format!("{head}{}", services(false)));
+    w.start_proxy(&[])?;
+    let (node, pod) = (w.node.clone(), w.pod.clone());
+    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
+    let health = |w: &World| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &w.node,
+                std::env::current_exe().unwrap().to_str().unwrap(),
+            ])
+            .env("UP_E2E_HELPER", "client")
+            .env("UP_PROTO", "http")
+            .env("UP_TARGET", "127.0.0.1:10256")
+            .env("UP_PATH", "/healthz")
+            .env("UP_COUNT", "1")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        out.strip_prefix("ID ").unwrap_or(&out).to_string()
+    };
+    let poll = |w: &World, want: &str, within: u64| -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(within);
+        loop {
+            let got = health(w);
+            if got == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "/healthz stayed {got:?}, wanted {want} within {within} s\n{}",
+                    w.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    poll(&w, "200", 5)?;
+
+    // Hold the proxy's xtables lock, then queue a change.
+    let lock = w.dir.path().join("xtables.lock");
+    // -o: only flock itself holds the lock, so killing it releases the lock.
+    let mut holder = Command::new("flock")
+        .arg("-o")
+        .arg(&lock)
+        .args(["-c", "echo locked; sleep 30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("flock: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    check!(
+        line.trim() == "locked",
+        "flock did not take the lock: {line:?}"
+    );
+    w.write_config(&format!("{head}{}", services(true)));
+    let stuck = poll(&w, "503", 10);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    stuck?;
+    poll(&w, "200", 15)?;
+    check!(
+        w.save().contains("10.96.0.20/32"),
+        "the queued change was not applied after the lock was released"
+    );
+    let _ = node;
+    Ok(())
+}
+
 fn skip_reason() -> Option<String> {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -1022,6 +1124,29 @@ fn main() {
                         t.elapsed().as_secs_f64()
                     );
                 }
+            }
+        }
+    }
+    if flavours.contains(&"iptables-legacy")
+        && filter
+            .as_ref()
+            .is_none_or(|f| "health_flips[iptables-legacy]".contains(f.as_str()))
+    {
+        let t = Instant::now();
+        match health_flips("iptables-legacy") {
+            Ok(()) => {
+                passed += 1;
+                println!(
+                    "test health_flips[iptables-legacy] ... ok ({:.1}s)",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "test health_flips[iptables-legacy] ... FAILED ({:.1}s)\n{e}\n",
+                    t.elapsed().as_secs_f64()
+                );
             }
         }
     }

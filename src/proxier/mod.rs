@@ -121,7 +121,7 @@ impl PortStatus {
 pub struct Status {
     /// Completed syncs.
     pub syncs: u64,
-    /// When the last sync finished.
+    /// When the last successful sync finished (portals written).
     pub last_sync: Option<SystemTime>,
     /// When the snapshot being applied arrived (kube-proxy's "queued update").
     pub last_queued: Option<SystemTime>,
@@ -524,7 +524,10 @@ impl Proxier {
         }
         self.counters.syncs += 1;
         let now = SystemTime::now();
-        self.counters.last_sync = Some(now);
+        // Health counts a sync as done only when its rules were written, as kube-proxy does.
+        if self.counters.rules_error.is_none() {
+            self.counters.last_sync = Some(now);
+        }
         self.counters.last_sync_duration = started.elapsed();
         self.counters
             .sync_duration
@@ -632,14 +635,25 @@ impl Proxier {
             }
             pacer.take(Instant::now());
             last_sync = Instant::now();
-            if repair {
-                if let Err(e) = self.backend.repair() {
-                    warn!(error = %e, "portal repair failed");
-                }
-            }
             let snapshot = desired.borrow_and_update().clone();
-            if let Some(state) = snapshot {
-                self.sync(&state);
+            // Repair and sync run helper programs (iptables may wait up to 5 s for the xtables
+            // lock): let the runtime move other tasks off this worker meanwhile.
+            let mut work = || {
+                if repair {
+                    if let Err(e) = self.backend.repair() {
+                        warn!(error = %e, "portal repair failed");
+                    }
+                }
+                if let Some(state) = &snapshot {
+                    self.sync(state);
+                }
+            };
+            if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                tokio::task::block_in_place(work);
+            } else {
+                work();
             }
         }
         self
