@@ -162,5 +162,19 @@ async fn a_taken_admin_port_is_fatal_only_with_hard_fail() {
         running.metrics_addr.is_none(),
         "not bound yet; retried in the background"
     );
+    // Once the port is free, the retry (every 5 s) binds it.
+    drop(squatter);
+    let addr: SocketAddr = taken.parse().unwrap();
+    eventually(
+        Duration::from_secs(12),
+        "metrics server bound on retry",
+        || async move {
+            match TcpStream::connect(addr).await {
+                Ok(_) => get(addr, "/proxyMode").await == (200, "userspace".to_string()),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
     running.stop().await;
 }
