@@ -418,11 +418,6 @@ impl Iptables {
         std::mem::take(&mut self.adopt)
     }
 
-    /// The rule shapes in use.
-    pub fn shapes(&self) -> Shapes {
-        self.shapes
-    }
-
     fn ipt(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["-w", "5"];
         all.extend_from_slice(args);
