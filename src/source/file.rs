@@ -98,7 +98,12 @@ impl FileSource {
                 return None;
             }
         };
-        if !force && self.last_text.as_deref() == Some(text.as_str()) {
+        // SIGHUP only skips the wait for the next poll: an unchanged file is not parsed again
+        // (a change the poll already applied would otherwise be applied twice).
+        if self.last_text.as_deref() == Some(text.as_str()) {
+            if force {
+                info!(path = %path.display(), "SIGHUP: configuration unchanged");
+            }
             return None;
         }
         self.last_text = Some(text.clone());

@@ -16,14 +16,14 @@
 //!   LOCAL`, external IPs are treated like cluster IPs (as modern kube-proxy does, PR #96296),
 //!   no comments, no guard chain (the TCP guard in the listener still applies).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use tracing::{debug, info, warn};
 
 use super::{run, Error, NodeAddrs, Portal, Result};
-use crate::model::Protocol;
+use crate::model::{Protocol, ServicePortName};
 
 /// nat chain for traffic arriving from pods or outside (hooked from PREROUTING).
 pub const PORTALS_CONTAINER: &str = "KUBE-PORTALS-CONTAINER";
@@ -196,6 +196,85 @@ fn host_target(ctx: &RenderContext<'_>, proxy_port: u16) -> Option<String> {
     Some(format!("-j DNAT --to-destination {ip}:{proxy_port}"))
 }
 
+/// Appends the rules of one portal to the nat and filter bodies.
+fn render_rules(p: &Portal, ctx: &RenderContext<'_>, nat: &mut String, filter: &mut String) {
+    let full = ctx.shapes == Shapes::Full;
+    let svc = &p.service;
+    let comment = svc.name.to_string();
+    let proto = svc.protocol;
+    let pp = p.proxy_port;
+    let container = container_target(ctx, pp);
+    let host = host_target(ctx, pp);
+    let plain_rule = |nat: &mut String, ip: &IpAddr| {
+        head(nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
+        let _ = writeln!(nat, " -d {ip}/32 {container}");
+        if let Some(h) = &host {
+            head(nat, PORTALS_HOST, &comment, ctx, proto, svc.port);
+            let _ = writeln!(nat, " -d {ip}/32 {h}");
+        }
+    };
+    // kube-proxy's order: cluster IP, external IPs, load-balancer IPs. The iptables backend
+    // is IPv4 only, as the original was.
+    if svc.cluster_ip.is_ipv4() {
+        plain_rule(nat, &svc.cluster_ip);
+    }
+    for ip in svc.external_ips.iter().filter(|ip| ip.is_ipv4()) {
+        if !full {
+            // Without physdev/addrtype, external IPs are handled like cluster IPs.
+            plain_rule(nat, ip);
+            continue;
+        }
+        head(nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
+        let _ = writeln!(nat, " -d {ip}/32 -m physdev ! --physdev-is-in {container}");
+        head(nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
+        let _ = writeln!(nat, " -d {ip}/32 -m addrtype --dst-type LOCAL {container}");
+        if let Some(h) = &host {
+            head(nat, PORTALS_HOST, &comment, ctx, proto, svc.port);
+            let _ = writeln!(nat, " -d {ip}/32 -m addrtype --dst-type LOCAL {h}");
+        }
+    }
+    for ip in svc.load_balancer_ips.iter().filter(|ip| ip.is_ipv4()) {
+        plain_rule(nat, ip);
+    }
+    if let Some(np) = svc.node_port {
+        if full {
+            head(nat, NODEPORT_CONTAINER, &comment, ctx, proto, np);
+            let _ = writeln!(nat, " {container}");
+            if let Some(h) = &host {
+                head(nat, NODEPORT_HOST, &comment, ctx, proto, np);
+                let _ = writeln!(nat, " {h}");
+            }
+            head(filter, NODEPORT_NON_LOCAL, &comment, ctx, proto, pp);
+            let _ = writeln!(filter, " -m state --state NEW -j ACCEPT");
+        } else {
+            for ip in ctx.node.local.iter().filter(|ip| ip.is_ipv4()) {
+                head(nat, NODEPORT_CONTAINER, &comment, ctx, proto, np);
+                let _ = writeln!(nat, " -d {ip}/32 {container}");
+                if let Some(h) = &host {
+                    head(nat, NODEPORT_HOST, &comment, ctx, proto, np);
+                    let _ = writeln!(nat, " -d {ip}/32 {h}");
+                }
+            }
+            head(filter, NODEPORT_NON_LOCAL, &comment, ctx, proto, pp);
+            let _ = writeln!(filter, " -j ACCEPT");
+        }
+    }
+    if full {
+        // A packet for a proxy port that no portal translated came straight at the port:
+        // drop it, or the proxy port is a back door to the service (reference §7).
+        head(filter, PROXY_GUARD, &comment, ctx, proto, pp);
+        let _ = writeln!(filter, " -m conntrack ! --ctstate DNAT -j DROP");
+    }
+}
+
+/// The rules of one portal as a restore payload without chain declarations: what the
+/// incremental sync diffs, one service at a time.
+pub fn render_portal(p: &Portal, ctx: &RenderContext<'_>) -> String {
+    let (mut nat, mut filter) = (String::new(), String::new());
+    render_rules(p, ctx, &mut nat, &mut filter);
+    format!("*nat\n{nat}COMMIT\n*filter\n{filter}COMMIT\n")
+}
+
 /// Renders the full content of our chains as an `iptables-restore --noflush` payload. Pure and
 /// deterministic: the same portals give the same text, which is how "no change" is detected.
 pub fn render(portals: &[Portal], ctx: &RenderContext<'_>) -> String {
@@ -203,72 +282,7 @@ pub fn render(portals: &[Portal], ctx: &RenderContext<'_>) -> String {
     let mut filter = String::new();
     let full = ctx.shapes == Shapes::Full;
     for p in portals {
-        let svc = &p.service;
-        let comment = svc.name.to_string();
-        let proto = svc.protocol;
-        let pp = p.proxy_port;
-        let container = container_target(ctx, pp);
-        let host = host_target(ctx, pp);
-        let plain_rule = |nat: &mut String, ip: &IpAddr| {
-            head(nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
-            let _ = writeln!(nat, " -d {ip}/32 {container}");
-            if let Some(h) = &host {
-                head(nat, PORTALS_HOST, &comment, ctx, proto, svc.port);
-                let _ = writeln!(nat, " -d {ip}/32 {h}");
-            }
-        };
-        // kube-proxy's order: cluster IP, external IPs, load-balancer IPs. The iptables backend
-        // is IPv4 only, as the original was.
-        if svc.cluster_ip.is_ipv4() {
-            plain_rule(&mut nat, &svc.cluster_ip);
-        }
-        for ip in svc.external_ips.iter().filter(|ip| ip.is_ipv4()) {
-            if !full {
-                // Without physdev/addrtype, external IPs are handled like cluster IPs.
-                plain_rule(&mut nat, ip);
-                continue;
-            }
-            head(&mut nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
-            let _ = writeln!(nat, " -d {ip}/32 -m physdev ! --physdev-is-in {container}");
-            head(&mut nat, PORTALS_CONTAINER, &comment, ctx, proto, svc.port);
-            let _ = writeln!(nat, " -d {ip}/32 -m addrtype --dst-type LOCAL {container}");
-            if let Some(h) = &host {
-                head(&mut nat, PORTALS_HOST, &comment, ctx, proto, svc.port);
-                let _ = writeln!(nat, " -d {ip}/32 -m addrtype --dst-type LOCAL {h}");
-            }
-        }
-        for ip in svc.load_balancer_ips.iter().filter(|ip| ip.is_ipv4()) {
-            plain_rule(&mut nat, ip);
-        }
-        if let Some(np) = svc.node_port {
-            if full {
-                head(&mut nat, NODEPORT_CONTAINER, &comment, ctx, proto, np);
-                let _ = writeln!(nat, " {container}");
-                if let Some(h) = &host {
-                    head(&mut nat, NODEPORT_HOST, &comment, ctx, proto, np);
-                    let _ = writeln!(nat, " {h}");
-                }
-                head(&mut filter, NODEPORT_NON_LOCAL, &comment, ctx, proto, pp);
-                let _ = writeln!(filter, " -m state --state NEW -j ACCEPT");
-            } else {
-                for ip in ctx.node.local.iter().filter(|ip| ip.is_ipv4()) {
-                    head(&mut nat, NODEPORT_CONTAINER, &comment, ctx, proto, np);
-                    let _ = writeln!(nat, " -d {ip}/32 {container}");
-                    if let Some(h) = &host {
-                        head(&mut nat, NODEPORT_HOST, &comment, ctx, proto, np);
-                        let _ = writeln!(nat, " -d {ip}/32 {h}");
-                    }
-                }
-                head(&mut filter, NODEPORT_NON_LOCAL, &comment, ctx, proto, pp);
-                let _ = writeln!(filter, " -j ACCEPT");
-            }
-        }
-        if full {
-            // A packet for a proxy port that no portal translated came straight at the port:
-            // drop it, or the proxy port is a back door to the service (reference §7).
-            head(&mut filter, PROXY_GUARD, &comment, ctx, proto, pp);
-            let _ = writeln!(filter, " -m conntrack ! --ctstate DNAT -j DROP");
-        }
+        render_rules(p, ctx, &mut nat, &mut filter);
     }
     let mut out = String::from("*nat\n");
     for c in [
@@ -377,7 +391,12 @@ pub struct Iptables {
     bind: IpAddr,
     mode: ExtensionsMode,
     shapes: Shapes,
-    last_written: Option<String>,
+    /// Our chains hold exactly what `rendered` says (false: the next sync rewrites them whole).
+    known: bool,
+    /// Each service port's rules as last written, with the portal they were rendered from.
+    rendered: HashMap<ServicePortName, (Portal, String)>,
+    /// The node facts and shapes `rendered` was rendered with; a change re-renders everything.
+    context: Option<(NodeAddrs, Shapes)>,
     /// Proxy ports of a previous run, by portal, until the proxier takes them.
     adopt: std::collections::HashMap<(IpAddr, Protocol, u16), u16>,
 }
@@ -408,7 +427,9 @@ impl Iptables {
             bind,
             mode,
             shapes,
-            last_written: None,
+            known: false,
+            rendered: HashMap::new(),
+            context: None,
             adopt: Default::default(),
         }
     }
@@ -425,12 +446,19 @@ impl Iptables {
     }
 
     fn restore(&self, payload: &str) -> Result<()> {
-        run(
+        let started = std::time::Instant::now();
+        let r = run(
             &format!("{}-restore", self.binary),
             &["-w", "5", "--noflush"],
             Some(payload),
         )
-        .map(|_| ())
+        .map(|_| ());
+        debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            bytes = payload.len(),
+            "iptables-restore ran"
+        );
+        r
     }
 
     fn ensure_jumps(&mut self) -> Result<()> {
@@ -496,7 +524,7 @@ impl Iptables {
         // restarted proxy adopts the proxy ports they point at, so they stay valid throughout.
         let save = run(&format!("{}-save", self.binary), &["-t", "nat"], None).unwrap_or_default();
         self.adopt = adoptable_ports(&save);
-        self.last_written = None;
+        self.known = false;
         info!(binary = %self.binary, shapes = ?self.shapes, "iptables portals initialised");
         Ok(())
     }
@@ -512,27 +540,47 @@ impl Iptables {
         if node.host_ip.is_none() && self.bind.is_unspecified() && !portals.is_empty() {
             warn!("no non-loopback IPv4 address on this node: host-originated traffic to services is not redirected");
         }
-        let payload = render(
-            portals,
-            &RenderContext {
-                bind: self.bind,
-                node,
-                shapes: self.shapes,
-            },
-        );
-        if self.last_written.as_deref() == Some(payload.as_str()) {
-            return Ok(false);
-        }
-        if let Some(old) = self.last_written.as_deref() {
-            match delta(old, &payload) {
+        let ctx = RenderContext {
+            bind: self.bind,
+            node,
+            shapes: self.shapes,
+        };
+        let same_context = self.known
+            && self
+                .context
+                .as_ref()
+                .is_some_and(|(n, sh)| n == node && *sh == self.shapes);
+        if same_context {
+            // Only services whose portal changed are rendered and diffed: O(changes), not
+            // O(services), so one added service costs the same with 10 or 10,000 present.
+            let (mut old_text, mut new_text) = (String::new(), String::new());
+            let mut next = HashMap::with_capacity(portals.len());
+            for p in portals {
+                let (portal, text) = match self.rendered.remove(&p.service.name) {
+                    Some((old, text)) if old == *p => (old, text),
+                    previous => {
+                        if let Some((_, text)) = previous {
+                            old_text.push_str(&text);
+                        }
+                        let text = render_portal(p, &ctx);
+                        new_text.push_str(&text);
+                        (p.clone(), text)
+                    }
+                };
+                next.insert(p.service.name.clone(), (portal, text));
+            }
+            for (_, (_, text)) in self.rendered.drain() {
+                old_text.push_str(&text); // services that are gone
+            }
+            match delta(&old_text, &new_text) {
                 None => {
-                    self.last_written = Some(payload);
+                    self.rendered = next;
                     return Ok(false);
                 }
                 Some(d) => match self.restore(&d) {
                     Ok(()) => {
                         debug!(bytes = d.len(), "iptables-restore applied (incremental)");
-                        self.last_written = Some(payload);
+                        self.rendered = next;
                         return Ok(true);
                     }
                     // Someone changed our chains (a -D found nothing), or a rule was refused:
@@ -543,6 +591,7 @@ impl Iptables {
                 },
             }
         }
+        let payload = render(portals, &ctx);
         match self.restore(&payload) {
             Ok(()) => {}
             Err(e)
@@ -554,21 +603,26 @@ impl Iptables {
                 self.cleanup_jumps();
                 self.shapes = Shapes::Minimal;
                 self.ensure_jumps()?;
-                self.last_written = None;
+                self.known = false;
                 return self.sync(portals, node);
             }
             Err(e) => {
-                self.last_written = None;
+                self.known = false;
                 return Err(e);
             }
         }
-        debug!(bytes = payload.len(), "iptables-restore applied");
-        self.last_written = Some(payload);
+        debug!(bytes = payload.len(), "iptables-restore applied (full)");
+        self.rendered = portals
+            .iter()
+            .map(|p| (p.service.name.clone(), (p.clone(), render_portal(p, &ctx))))
+            .collect();
+        self.context = Some((node.clone(), self.shapes));
+        self.known = true;
         Ok(true)
     }
 
     /// Re-installs jump rules someone removed, and re-writes our chains if they were flushed
-    /// behind our back (the next sync sees `last_written` cleared).
+    /// behind our back (the next sync then rewrites them whole).
     ///
     /// # Errors
     /// iptables cannot be run.
@@ -577,22 +631,19 @@ impl Iptables {
         let listing = self
             .ipt(&["-t", "nat", "-S", PORTALS_CONTAINER])
             .unwrap_or_default();
-        let expected_rules = self
-            .last_written
-            .as_deref()
-            .map(|p| {
-                p.lines()
-                    .filter(|l| l.starts_with(&format!("-A {PORTALS_CONTAINER} ")))
-                    .count()
-            })
-            .unwrap_or(0);
+        let prefix = format!("-A {PORTALS_CONTAINER} ");
+        let expected_rules: usize = self
+            .rendered
+            .values()
+            .map(|(_, text)| text.lines().filter(|l| l.starts_with(&prefix)).count())
+            .sum();
         let present = listing.lines().filter(|l| l.starts_with("-A ")).count();
         if present != expected_rules {
             warn!(
                 present,
                 expected_rules, "portal rules changed behind our back; rewriting"
             );
-            self.last_written = None;
+            self.known = false;
         }
         Ok(())
     }
