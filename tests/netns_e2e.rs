@@ -447,6 +447,12 @@ impl World {
         s
     }
 
+    /// The addresses on the node's `lo`, as `ip -o addr` prints them.
+    fn lo_addrs(&self) -> Result<String, String> {
+        let out = self.ip(&self.node, &["-o", "addr", "show", "dev", "lo"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Every proxy log of this world, whole.
     fn full_log(&self) -> String {
         (0..self.children.len())
@@ -560,6 +566,16 @@ macro_rules! check {
     };
 }
 
+/// Polls `cond` every 50 ms until it holds; fails with `what` once `within` has passed.
+fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        check!(Instant::now() < deadline, "{what} (waited {within:?})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn ids(results: &[Result<String, String>]) -> Result<HashMap<String, usize>, String> {
     let mut m = HashMap::new();
     for r in results {
@@ -667,14 +683,11 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         "test config edit did not apply"
     );
     w.write_config(&format!("{HEAD}{two_backends}"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while udp_entries(&w) > 0 {
-        check!(
-            Instant::now() < deadline,
-            "UDP conntrack entries not cleared 5 s after an endpoint change"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        Duration::from_secs(5),
+        "UDP conntrack entries not cleared after an endpoint change",
+        || udp_entries(&w) == 0,
+    )?;
     let m = ids(&w.client(&pod, "udp", "10.96.0.10:53", 4))?;
     check!(
         !m.contains_key("pod-c"),
@@ -686,30 +699,22 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         .proxy_port("default/api:http")
         .ok_or("no proxy port for api")?;
     w.write_config(&format!("{HEAD}{}", services(false)));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while w.save().contains("default/api:http") {
-        check!(
-            Instant::now() < deadline,
-            "api rules still present 5 s after reload"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        Duration::from_secs(5),
+        "api rules still present after reload",
+        || !w.save().contains("default/api:http"),
+    )?;
     // While api existed, the guard chain silently dropped direct packets to its port; once its
     // guard rule is gone and its socket closed (rules go first, by design), the kernel refuses.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = w.client(&node, "tcp", &format!("127.0.0.1:{api_pp}"), 1);
-        if r.iter()
-            .all(|r| r.as_ref().is_err_and(|e| e.contains("refused")))
-        {
-            break;
-        }
-        check!(
-            Instant::now() < deadline,
-            "api's proxy port not closed (refused) 5 s after removal: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        Duration::from_secs(5),
+        "api's proxy port not closed (refused) after removal",
+        || {
+            let r = w.client(&node, "tcp", &format!("127.0.0.1:{api_pp}"), 1);
+            r.iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("refused")))
+        },
+    )?;
     ids(&w.client(&pod, "tcp", "10.96.0.10:80", 3))?;
 
     // Restart: rules are flushed and re-installed, never duplicated.
@@ -852,35 +857,25 @@ fn bind_mode(ipt: &str) -> Result<(), String> {
         !save.lines().any(|l| l.starts_with("-A ")),
         "bind mode installed rules:\n{save}"
     );
-    let addrs = String::from_utf8_lossy(&w.ip(&node, &["-o", "addr", "show", "dev", "lo"])?.stdout)
-        .into_owned();
+    let addrs = w.lo_addrs()?;
     check!(
         addrs.contains("10.96.0.10/32") && addrs.contains("10.96.0.20/32"),
         "service IPs not on lo:\n{addrs}"
     );
     // Reload removing api removes its address.
     w.write_config(&format!("{HEAD}portalMode: bind\n{}", services(false)));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let a = String::from_utf8_lossy(&w.ip(&node, &["-o", "addr", "show", "dev", "lo"])?.stdout)
-            .into_owned();
-        if !a.contains("10.96.0.20/32") {
-            break;
-        }
-        check!(
-            Instant::now() < deadline,
-            "api's address still on lo after reload"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        Duration::from_secs(5),
+        "api's address still on lo after reload",
+        || w.lo_addrs().is_ok_and(|a| !a.contains("10.96.0.20/32")),
+    )?;
     w.stop(p)?;
     let cfg = w.config_path();
     w.exec(
         &node,
         &[BIN, "--config", cfg.to_str().unwrap(), "--cleanup"],
     )?;
-    let a = String::from_utf8_lossy(&w.ip(&node, &["-o", "addr", "show", "dev", "lo"])?.stdout)
-        .into_owned();
+    let a = w.lo_addrs()?;
     check!(
         !a.contains("10.96."),
         "addresses left after --cleanup:\n{a}"
