@@ -21,6 +21,7 @@ use crate::model::DesiredState;
 use crate::proxier::rules::{self, bind::Bind, iptables::Iptables, Backend};
 use crate::proxier::{self, Options, Proxier, Status};
 use crate::source::file::{self as file_source, FileSource};
+use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::SourceStats;
 
 /// The configuration shipped inside the binary, used when no `--config` is given.
@@ -47,6 +48,31 @@ pub enum Error {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The Kubernetes API client cannot be configured.
+    #[error("cannot use the Kubernetes API")]
+    Kube(#[from] kube_source::Error),
+}
+
+/// Where services and endpoints come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// The configuration file (or the embedded default).
+    File,
+    /// The Kubernetes API server.
+    Kubernetes,
+}
+
+/// Chooses the source as kube-proxy would, with the file source for hosts without Kubernetes:
+/// a kubeconfig or `--master` means the API server; so does running in a pod, unless the
+/// configuration file itself lists services or endpoints.
+pub fn source_kind(settings: &Settings, file: &ConfigFile, in_pod: bool) -> SourceKind {
+    let file_has_objects =
+        !(file.services.is_empty() && file.endpoints.is_empty() && file.slices.is_empty());
+    if settings.kubeconfig.is_some() || settings.master.is_some() || (in_pod && !file_has_objects) {
+        SourceKind::Kubernetes
+    } else {
+        SourceKind::File
+    }
 }
 
 /// A configuration loaded and validated, ready to run.
@@ -67,6 +93,8 @@ pub struct Loaded {
     /// Parsed documents, handed to the file source so its first reload re-parses only what
     /// changed.
     pub cache: ParseCache,
+    /// Where services and endpoints come from.
+    pub source: SourceKind,
 }
 
 /// Loads and validates everything before anything is bound or installed.
@@ -90,7 +118,17 @@ pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, confi
     let mut cache = ParseCache::default();
     let mut file = ConfigFile::parse_cached(&origin, &text, &mut cache)?;
     file.proxy.apply(&overrides)?;
-    let settings = file.settings()?;
+    let mut settings = file.settings()?;
+    if let Some(m) = &overrides.master {
+        kube_source::parse_master(m).map_err(|_| config::Error::Flag {
+            flag: "--master".into(),
+            message: format!(
+                "{m:?} is not an http:// or https:// URL (e.g. https://10.0.0.1:6443)"
+            ),
+        })?;
+    }
+    settings.master = overrides.master.clone();
+    let source = source_kind(&settings, &file, kube_source::in_cluster());
     // Build the state now so object errors stop the start too.
     let state = file_source::desired_from(&file, &settings)?;
     Ok(Loaded {
@@ -101,6 +139,7 @@ pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, confi
         overrides,
         state,
         cache,
+        source,
     })
 }
 
@@ -207,6 +246,11 @@ pub async fn start(
     backend: Backend,
     hup: mpsc::Receiver<()>,
 ) -> Result<Running, Error> {
+    // The API client first: a bad kubeconfig must stop the start before anything is installed.
+    let client = match loaded.source {
+        SourceKind::Kubernetes => Some(kube_source::client(&loaded.settings).await?),
+        SourceKind::File => None,
+    };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let kill = CancellationToken::new();
@@ -251,18 +295,34 @@ pub async fn start(
         .await
         .map_err(|source| Error::Admin { addr, source })?;
     }
-    let initial = loaded.state;
-    let source = FileSource::new(
-        loaded.path.clone(),
-        &loaded.file,
-        loaded.text,
-        loaded.settings.clone(),
-        loaded.overrides,
-        loaded.cache,
-    );
-    let source_stats = source.stats();
     let (tx, rx) = watch::channel(None);
-    tracker.spawn(source.run(initial, tx, hup, cancel.clone()));
+    let source_stats = match client {
+        None => {
+            let source = FileSource::new(
+                loaded.path.clone(),
+                &loaded.file,
+                loaded.text,
+                loaded.settings.clone(),
+                loaded.overrides,
+                loaded.cache,
+            );
+            let stats = source.stats();
+            tracker.spawn(source.run(loaded.state, tx, hup, cancel.clone()));
+            stats
+        }
+        Some(client) => {
+            if !loaded.file.services.is_empty() || !loaded.file.slices.is_empty() {
+                warn!("the configuration file lists services, but the Kubernetes API is the source: they are ignored");
+            }
+            let source = KubeSource::new(
+                client,
+                kube_source::Options::from_settings(&loaded.settings),
+            );
+            let stats = source.stats();
+            tracker.spawn(source.run(tx, cancel.clone()));
+            stats
+        }
+    };
     let (mut changes, stop) = (rx.clone(), cancel.clone());
     tracker.spawn(async move {
         loop {

@@ -35,6 +35,13 @@ struct Cli {
     /// Idle timeout of UDP client sessions (e.g. 250ms).
     #[arg(long, value_name = "DURATION")]
     udp_timeout: Option<String>,
+    /// Path to a kubeconfig: serve the services of that cluster (overrides
+    /// clientConnection.kubeconfig).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<String>,
+    /// Address of the Kubernetes API server (overrides the kubeconfig's server).
+    #[arg(long, value_name = "URL")]
+    master: Option<String>,
     /// Node name to use instead of the hostname.
     #[arg(long, value_name = "NAME")]
     hostname_override: Option<String>,
@@ -124,6 +131,8 @@ fn main() -> ExitCode {
         port_range: cli.proxy_port_range.clone(),
         udp_timeout: cli.udp_timeout.clone(),
         hostname_override: cli.hostname_override.clone(),
+        kubeconfig: cli.kubeconfig.clone(),
+        master: cli.master.clone(),
         portal_mode: cli.portal_mode,
         sync_period: cli.iptables_sync_period.clone(),
         min_sync_period: cli.iptables_min_sync_period.clone(),
@@ -131,9 +140,6 @@ fn main() -> ExitCode {
         iptables_command: cli.iptables_command.clone(),
         ..Default::default()
     };
-    if cli.config.is_none() && !cli.cleanup && cli.command.is_none() {
-        warn!("no --config given: serving the embedded example configuration");
-    }
     let loaded = match app::load(cli.config.clone(), overrides) {
         Ok(l) => l,
         Err(e) => {
@@ -141,6 +147,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if cli.config.is_none()
+        && loaded.source == app::SourceKind::File
+        && !cli.cleanup
+        && cli.command.is_none()
+    {
+        warn!("no --config given: serving the embedded example configuration");
+    }
     if let Some(Command::Status { metrics_address }) = cli.command {
         let Some(addr) = metrics_address.or(loaded.settings.metrics_bind_address) else {
             error!("no metrics server configured (metricsBindAddress is empty); pass --metrics-address");
@@ -187,9 +200,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(loaded: app::Loaded) -> ExitCode {
-    if !loaded.file.proxy.client_connection.kubeconfig.is_empty() {
-        warn!("clientConnection.kubeconfig is set, but this build serves services from the configuration file only");
-    }
     let (soft, hard) = app::raise_nofile_limit();
     if soft < app::WANTED_NOFILE {
         warn!(nofile_soft = soft, nofile_hard = hard, wanted = app::WANTED_NOFILE, "open-file limit is below what kube-proxy asked for; running out is handled by backing off");
@@ -207,6 +217,7 @@ async fn run(loaded: app::Loaded) -> ExitCode {
         portal_mode = ?loaded.settings.portal_mode,
         bind_address = %loaded.settings.bind_address,
         node = %loaded.settings.hostname,
+        source = ?loaded.source,
         "Using userspace Proxier"
     );
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -92,6 +92,20 @@ pub enum PortalMode {
     None,
 }
 
+/// Which API the Kubernetes source reads endpoints from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum EndpointSource {
+    /// `discovery.k8s.io/v1` EndpointSlices when the API server serves them, else `v1`
+    /// Endpoints (older clusters), logged at start.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// Always EndpointSlices.
+    EndpointSlice,
+    /// Always `v1` Endpoints.
+    Endpoints,
+}
+
 impl std::str::FromStr for PortalMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -314,6 +328,14 @@ pub struct KubeProxyConfiguration {
     /// Extension: how long established connections may drain on SIGTERM.
     #[serde(default = "default_grace")]
     pub shutdown_grace_period: GoDuration,
+    /// Extension: serve only Services labelled `service.kubernetes.io/service-proxy-name` with
+    /// this value (empty: serve the unlabelled ones, as kube-proxy does), so this proxy can run
+    /// beside another.
+    #[serde(default)]
+    pub service_proxy_name: String,
+    /// Extension: `auto` (default), `EndpointSlice` or `Endpoints`.
+    #[serde(default)]
+    pub endpoint_source: EndpointSource,
 }
 
 impl Default for KubeProxyConfiguration {
@@ -335,6 +357,8 @@ pub struct Overrides {
     pub udp_timeout: Option<String>,
     /// `--hostname-override`.
     pub hostname_override: Option<String>,
+    /// `--master`: the API server's address, overriding the kubeconfig's.
+    pub master: Option<String>,
     /// `--kubeconfig`.
     pub kubeconfig: Option<String>,
     /// `--healthz-bind-address`.
@@ -376,6 +400,12 @@ pub struct Settings {
     pub bind_address_hard_fail: bool,
     /// kubeconfig path, if any.
     pub kubeconfig: Option<PathBuf>,
+    /// `--master`: API server URL (overrides the kubeconfig's server).
+    pub master: Option<String>,
+    /// Serve only services with this `service.kubernetes.io/service-proxy-name`.
+    pub service_proxy_name: Option<String>,
+    /// Where endpoints come from in the Kubernetes source.
+    pub endpoint_source: EndpointSource,
     /// This node's name.
     pub hostname: String,
     /// Range for file services' cluster IPs.
@@ -592,6 +622,24 @@ impl KubeProxyConfiguration {
         let kubeconfig = Some(self.client_connection.kubeconfig.trim())
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
+        let service_proxy_name = Some(self.service_proxy_name.trim())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        if let Some(name) = &service_proxy_name {
+            // A label value: at most 63 characters of [A-Za-z0-9._-], alphanumeric at both ends.
+            let ok = name.len() <= 63
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !ok {
+                return Err(err(
+                    "serviceProxyName",
+                    format!("{name:?} is not a valid label value (at most 63 characters of letters, digits, '.', '_' and '-', starting and ending with a letter or digit)"),
+                ));
+            }
+        }
         Ok(Settings {
             bind_address,
             port_range,
@@ -603,6 +651,9 @@ impl KubeProxyConfiguration {
             metrics_bind_address,
             bind_address_hard_fail: self.bind_address_hard_fail,
             kubeconfig,
+            master: None,
+            service_proxy_name,
+            endpoint_source: self.endpoint_source,
             hostname,
             service_cidr,
             cluster_cidrs,

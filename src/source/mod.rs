@@ -3,6 +3,7 @@
 //! programs a partial picture.
 
 pub mod file;
+pub mod kube;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -17,6 +17,8 @@ use userspace_proxy::config::Overrides;
 use userspace_proxy::proxier::rules::Backend;
 use userspace_proxy::proxier::{PortStatus, Status};
 
+pub mod fake_api;
+
 /// Polls `cond` every 20 ms until it is true or `within` passes; panics with `what` on timeout.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
@@ -147,10 +149,15 @@ pub struct Proxy {
 impl Proxy {
     /// Writes `text` as the config file and starts a proxy on it (portal mode none).
     pub async fn start(text: &str) -> Proxy {
+        Self::start_with(text, Overrides::default()).await
+    }
+
+    /// Starts a proxy on `text` with command-line `overrides` (e.g. `--master`).
+    pub async fn start_with(text: &str, overrides: Overrides) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.yaml");
         std::fs::write(&path, text).unwrap();
-        let loaded = app::load(Some(path.clone()), Overrides::default()).expect("config loads");
+        let loaded = app::load(Some(path.clone()), overrides).expect("config loads");
         let (hup, rx) = mpsc::channel(1);
         let running = app::start(loaded, Backend::None, rx)
             .await

@@ -1,0 +1,387 @@
+//! The Kubernetes API source against a fake API server that speaks the real list/watch
+//! protocol (tests/common/fake_api.rs). Traffic goes through the proxy's real listeners over
+//! loopback (portal mode none: clients dial the proxy port).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::fake_api::{self, FakeApi, Kind};
+use common::{eventually, header, tcp_backend, tcp_hello, Proxy};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use userspace_proxy::config::Overrides;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn start_proxy(api: &FakeApi, extra: &str) -> Proxy {
+    Proxy::start_with(
+        &header(extra),
+        Overrides {
+            master: Some(api.url()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The backend ids `n` fresh connections to `addr` reach.
+async fn ids(addr: SocketAddr, n: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        if let Some(id) = tcp_hello(addr).await {
+            seen.insert(id);
+        }
+    }
+    seen
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// A slice per backend (loopback backends differ in port; a slice has one port per name).
+fn slices_for(api: &FakeApi, service: &str, port_name: &str, backends: &[(SocketAddr, &str)]) {
+    for (i, (addr, node)) in backends.iter().enumerate() {
+        api.apply(
+            Kind::EndpointSlice,
+            fake_api::slice(
+                &format!("{service}-{i}"),
+                service,
+                port_name,
+                addr.port(),
+                &[(&addr.ip().to_string(), true, false, node)],
+            ),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_gate_then_services_added_changed_removed() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let b = tcp_backend("b", cancel.clone()).await;
+    let c = tcp_backend("c", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    api.add_node("test-node");
+    api.apply(
+        Kind::Service,
+        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
+    );
+    slices_for(&api, "web", "http", &[(a, "test-node"), (b, "test-node")]);
+    // Neither the headless-labelled nor another proxy's service is ours.
+    let mut other = fake_api::service("other", "10.96.0.11", &[("http", 80)], json!({}));
+    other["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
+    api.apply(Kind::Service, other);
+    let mut headless = fake_api::service("h", "None", &[("http", 80)], json!({}));
+    headless["metadata"]["labels"] = json!({"service.kubernetes.io/headless": ""});
+    api.apply(Kind::Service, headless);
+
+    // The gate: services are listed, slices are not yet, so nothing is programmed.
+    api.hold(Kind::EndpointSlice);
+    let proxy = start_proxy(&api, "").await;
+    eventually(WAIT, "the services list was served", || {
+        let seen = api.requests().iter().any(|p| p == "/api/v1/services");
+        async move { seen }
+    })
+    .await;
+    eventually(WAIT, "the slices list was asked for", || {
+        let seen = api
+            .requests()
+            .iter()
+            .any(|p| p == "/apis/discovery.k8s.io/v1/endpointslices");
+        async move { seen }
+    })
+    .await;
+    assert_eq!(proxy.running.source.published(), 0);
+    assert!(
+        proxy.status().ports.is_empty(),
+        "no ports before both lists"
+    );
+    api.release(Kind::EndpointSlice);
+
+    let web = proxy.wait_port("web", "http").await;
+    assert_eq!(ids(web, 6).await, set(&["a", "b"]));
+    let st = proxy.status();
+    assert_eq!(st.ports.len(), 1, "only web: {:?}", st.ports.keys());
+
+    // Added: a second service.
+    api.apply(
+        Kind::Service,
+        fake_api::service("api", "10.96.0.12", &[("grpc", 9000)], json!({})),
+    );
+    slices_for(&api, "api", "grpc", &[(c, "test-node")]);
+    let api_port = proxy.wait_port("api", "grpc").await;
+    // Its slice may arrive in a later snapshot than the service itself.
+    eventually(WAIT, "api served by c", || async move {
+        ids(api_port, 2).await == set(&["c"])
+    })
+    .await;
+
+    // Changed: web's endpoints move to c only (slice 0 now names c, slice 1 is deleted).
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "web-0",
+            "web",
+            "http",
+            c.port(),
+            &[("127.0.0.1", true, false, "test-node")],
+        ),
+    );
+    api.delete(Kind::EndpointSlice, "default", "web-1");
+    eventually(WAIT, "web served by c only", || async move {
+        ids(web, 4).await == set(&["c"])
+    })
+    .await;
+    // The listener was kept through the endpoint change.
+    assert_eq!(proxy.wait_port("web", "http").await, web);
+
+    // Removed.
+    api.delete(Kind::Service, "default", "api");
+    eventually(WAIT, "api's listener closed", || {
+        let gone = proxy.port_status("api", "grpc").is_none();
+        async move { gone }
+    })
+    .await;
+    eventually(
+        WAIT,
+        "api's proxy port refuses connections",
+        || async move { TcpStream::connect(api_port).await.is_err() },
+    )
+    .await;
+    assert_eq!(proxy.running.source.rejected(), 0);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_fallback_and_internal_traffic_policy() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let b = tcp_backend("b", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    api.apply(
+        Kind::Service,
+        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
+    );
+    // a is terminating but still serving; b is ready: only b gets traffic.
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "web-0",
+            "web",
+            "http",
+            a.port(),
+            &[("127.0.0.1", false, true, "test-node")],
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "web-1",
+            "web",
+            "http",
+            b.port(),
+            &[("127.0.0.1", true, false, "test-node")],
+        ),
+    );
+    let proxy = start_proxy(&api, "").await;
+    let web = proxy.wait_port("web", "http").await;
+    assert_eq!(ids(web, 4).await, set(&["b"]));
+    // b goes away: a, terminating but serving, takes the traffic rather than dropping it.
+    api.delete(Kind::EndpointSlice, "default", "web-1");
+    eventually(
+        WAIT,
+        "terminating a serves when nothing is ready",
+        || async move { ids(web, 3).await == set(&["a"]) },
+    )
+    .await;
+
+    // internalTrafficPolicy: Local: only this node's endpoints (a on test-node, b elsewhere).
+    api.apply(
+        Kind::Service,
+        fake_api::service(
+            "local",
+            "10.96.0.20",
+            &[("http", 80)],
+            json!({"internalTrafficPolicy": "Local"}),
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "local-0",
+            "local",
+            "http",
+            a.port(),
+            &[("127.0.0.1", true, false, "test-node")],
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "local-1",
+            "local",
+            "http",
+            b.port(),
+            &[("127.0.0.1", true, false, "other-node")],
+        ),
+    );
+    let local = proxy.wait_port("local", "http").await;
+    eventually(WAIT, "local service has its endpoints", || {
+        let n = proxy
+            .port_status("local", "http")
+            .map_or(0, |p| p.endpoints.len());
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(ids(local, 6).await, set(&["a"]));
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+/// Writes `ping`, expects the echo: the connection is alive end to end.
+async fn echo(conn: &mut TcpStream, what: &str) {
+    conn.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("echo timed out {what}"))
+        .unwrap_or_else(|e| panic!("connection broke {what}: {e}"));
+    assert_eq!(&buf, b"ping", "{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_lost_and_restored_disturbs_nothing() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let b = tcp_backend("b", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    api.apply(
+        Kind::Service,
+        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
+    );
+    slices_for(&api, "web", "http", &[(a, "test-node")]);
+    let proxy = start_proxy(&api, "").await;
+    let web = proxy.wait_port("web", "http").await;
+    let mut live = TcpStream::connect(web).await.unwrap();
+    let mut id = [0u8; 2];
+    live.read_exact(&mut id).await.unwrap();
+    assert_eq!(&id, b"a\n");
+    echo(&mut live, "before the API server went away").await;
+    let before = proxy.status();
+    let published = proxy.running.source.published();
+
+    api.stop();
+    // While the API server is gone: the live connection and new ones are served.
+    echo(&mut live, "while the API server is gone").await;
+    assert_eq!(ids(web, 3).await, set(&["a"]));
+
+    // It comes back with its history compacted: the client must relist (410 Gone).
+    api.compact();
+    api.restart().await;
+    let lists_before = api.requests().len();
+    eventually(WAIT, "both watches relisted after 410 Gone", || {
+        let reqs = api.requests();
+        let relisted = |p: &str| {
+            let after = &reqs[lists_before..];
+            after.iter().any(|r| *r == format!("WATCH {p}")) && after.iter().any(|r| r == p)
+        };
+        let ok =
+            relisted("/api/v1/services") && relisted("/apis/discovery.k8s.io/v1/endpointslices");
+        async move { ok }
+    })
+    .await;
+    // The relist found what was known: nothing published, no listener or endpoint change.
+    let after = proxy.status();
+    assert_eq!(proxy.running.source.published(), published);
+    assert_eq!(after.service_changes, before.service_changes);
+    assert_eq!(after.endpoint_changes, before.endpoint_changes);
+    assert_eq!(proxy.wait_port("web", "http").await, web);
+    echo(&mut live, "after the relist").await;
+
+    // And changes flow again.
+    slices_for(&api, "web", "http", &[(a, "test-node"), (b, "test-node")]);
+    eventually(
+        WAIT,
+        "b added after the API server came back",
+        || async move { ids(web, 6).await == set(&["a", "b"]) },
+    )
+    .await;
+    echo(&mut live, "at the end").await;
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_fallback_on_a_cluster_without_endpoint_slices() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let api = FakeApi::start(false).await;
+    api.apply(
+        Kind::Service,
+        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
+    );
+    api.apply(
+        Kind::Endpoints,
+        json!({"metadata": {"name": "web", "namespace": "default"},
+               "subsets": [{"addresses": [{"ip": "127.0.0.1", "nodeName": "test-node"}],
+                            "ports": [{"name": "http", "port": a.port(), "protocol": "TCP"}]}]}),
+    );
+    let proxy = start_proxy(&api, "").await;
+    let web = proxy.wait_port("web", "http").await;
+    assert_eq!(ids(web, 3).await, set(&["a"]));
+    let reqs = api.requests();
+    assert!(reqs.iter().any(|p| p == "/api/v1/endpoints"));
+    assert!(!reqs
+        .iter()
+        .any(|p| p == "/apis/discovery.k8s.io/v1/endpointslices"));
+    // Endpoints changes flow too.
+    api.delete(Kind::Endpoints, "default", "web");
+    eventually(WAIT, "no endpoints left", || {
+        let n = proxy
+            .port_status("web", "http")
+            .map_or(1, |p| p.endpoints.len());
+        async move { n == 0 }
+    })
+    .await;
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_own_service_proxy_name_serves_only_labelled_services() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    let mut ours = fake_api::service("ours", "10.96.0.10", &[("http", 80)], json!({}));
+    ours["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "edge"});
+    api.apply(Kind::Service, ours);
+    api.apply(
+        Kind::Service,
+        fake_api::service("plain", "10.96.0.11", &[("http", 80)], json!({})),
+    );
+    // The EndpointSlice controller copies the service's labels onto its slices.
+    let mut s = fake_api::slice(
+        "ours-0",
+        "ours",
+        "http",
+        a.port(),
+        &[("127.0.0.1", true, false, "n")],
+    );
+    s["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] = json!("edge");
+    api.apply(Kind::EndpointSlice, s);
+    let proxy = start_proxy(&api, "serviceProxyName: edge\n").await;
+    let port = proxy.wait_port("ours", "http").await;
+    assert_eq!(ids(port, 2).await, set(&["a"]));
+    assert!(proxy.port_status("plain", "http").is_none());
+    assert_eq!(proxy.status().ports.len(), 1);
+    proxy.stop().await;
+    cancel.cancel();
+}
