@@ -883,6 +883,52 @@ fn bind_mode(ipt: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `externalTrafficPolicy: Local`: traffic from outside (NodePort, external IP) reaches only
+/// this node's endpoints, while ClusterIP traffic from a pod still reaches every endpoint.
+fn external_local(ipt: &str) -> Result<(), String> {
+    let mut w = World::new(ipt)?;
+    w.backends()?;
+    w.write_config(&format!(
+        "{HEAD}---
+apiVersion: v1
+kind: Service
+metadata: {{name: local, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  externalIPs: [203.0.113.8]
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, nodePort: 30090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [10.244.0.11], nodeName: node-1}}
+- {{addresses: [10.244.0.12], nodeName: node-2}}
+"
+    ));
+    let p = w.start_proxy(&[])?;
+    let (pod, out) = (w.pod.clone(), w.out.clone());
+    w.wait_serving(&pod, "tcp", "10.96.0.40:80")?;
+    let m = ids(&w.client(&pod, "tcp", "10.96.0.40:80", 6))?;
+    check!(
+        m.len() == 2,
+        "ClusterIP traffic must reach both endpoints: {m:?}"
+    );
+    for target in ["192.168.50.1:30090", "203.0.113.8:80"] {
+        let m = ids(&w.client(&out, "tcp", target, 6))?;
+        check!(
+            m.len() == 1 && m.contains_key("pod-a"),
+            "external traffic to {target} must stay on node-1's endpoint (pod-a): {m:?}"
+        );
+    }
+    w.stop(p)?;
+    Ok(())
+}
+
 /// A restart under steady load refuses no connection: the new process adopts the proxy ports
 /// the old one's rules point at (SO_REUSEPORT), and connections still queued on the old
 /// listeners migrate to the new ones when it closes them (tcp_migrate_req).
@@ -1079,7 +1125,7 @@ fn main() {
         eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         eprintln!("!! netns_e2e SKIPPED: {why}. These tests need root (CI runs them).");
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-        println!("netns_e2e: 0 passed, 0 failed, 4 skipped");
+        println!("netns_e2e: 0 passed, 0 failed, 11 skipped");
         return;
     }
     let mut flavours = vec!["iptables-nft"];
@@ -1093,8 +1139,9 @@ fn main() {
         eprintln!("note: iptables-legacy not installed; running the nft flavour only");
     }
     type Scenario = fn(&str) -> Result<(), String>;
-    let scenarios: [(&str, Scenario); 4] = [
+    let scenarios: [(&str, Scenario); 5] = [
         ("restart_under_load", restart_under_load),
+        ("external_local", external_local),
         ("full_lifecycle", full_lifecycle),
         ("minimal_shapes", minimal_shapes),
         ("bind_mode", bind_mode),

@@ -58,6 +58,28 @@ impl Allowed {
     }
 }
 
+/// `externalTrafficPolicy: Local` for a TCP listener: connections that came in through a
+/// NodePort, an external IP or a load-balancer IP go to this node's endpoints only.
+///
+/// One listener serves every portal of a service port, so the portal a connection used is told
+/// by its original destination (`SO_ORIGINAL_DST`, or the local address in bind mode).
+#[derive(Debug)]
+pub struct ExternalLocal {
+    /// The cluster IP portal: traffic to it is internal.
+    pub cluster: SocketAddr,
+    /// Every portal of the service.
+    pub portals: Allowed,
+    /// Balancer over this node's endpoints.
+    pub balancer: Arc<Balancer>,
+}
+
+impl ExternalLocal {
+    /// True when a connection to `dst` is external traffic.
+    pub fn is_external(&self, dst: SocketAddr) -> bool {
+        dst != self.cluster && self.portals.admits(dst)
+    }
+}
+
 /// What a listener's tasks share with the proxier, which may update it in place.
 #[derive(Debug)]
 pub struct Shared {
@@ -69,6 +91,8 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// Portal check for TCP; `None` admits every connection.
     pub allowed: ArcSwapOption<Allowed>,
+    /// Separate endpoints for external TCP traffic (`externalTrafficPolicy: Local`).
+    pub external: ArcSwapOption<ExternalLocal>,
     /// UDP session idle timeout.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions at once.

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{is_resource_exhaustion, Shared, Stats, DIAL_TIMEOUTS};
+use crate::balancer::Balancer;
 
 /// Keepalive timing: the first probe after 15 s idle, like Go's default on the original's
 /// sockets, then every 15 s; 4 lost probes end the connection.
@@ -92,9 +93,13 @@ fn tune(stream: &TcpStream) {
 /// Dials a backend for a client: up to four attempts with escalating timeouts, each on the next
 /// endpoint. Returns `None` (the client is then closed) when there are no endpoints or every
 /// attempt failed.
-async fn dial(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
+async fn dial(
+    shared: &Shared,
+    balancer: &Balancer,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr)> {
     for (attempt, timeout) in DIAL_TIMEOUTS.iter().enumerate() {
-        let Some(endpoint) = shared.balancer.pick(peer.ip(), attempt > 0) else {
+        let Some(endpoint) = balancer.pick(peer.ip(), attempt > 0) else {
             Stats::add(&shared.stats.no_endpoints, 1);
             debug!(service = %shared.name, client.addr = %peer, "no endpoints; closing client connection");
             return None;
@@ -116,17 +121,28 @@ async fn dial(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAdd
 }
 
 async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: CancellationToken) {
-    if let Some(allowed) = shared.allowed.load_full() {
-        match original_dst(&client) {
-            Ok(dst) if allowed.admits(dst) => {}
-            other => {
-                Stats::add(&shared.stats.rejected, 1);
-                debug!(service = %shared.name, client.addr = %peer, original_dst = ?other.ok(), "refused: connection did not come through a portal");
-                return;
-            }
+    let allowed = shared.allowed.load_full();
+    let external = shared.external.load_full();
+    // The portal the client used: only looked up when something depends on it.
+    let dst = if allowed.is_some() || external.is_some() {
+        original_dst(&client).ok()
+    } else {
+        None
+    };
+    if let Some(allowed) = allowed {
+        if !dst.is_some_and(|d| allowed.admits(d)) {
+            Stats::add(&shared.stats.rejected, 1);
+            debug!(service = %shared.name, client.addr = %peer, original_dst = ?dst, "refused: connection did not come through a portal");
+            return;
         }
     }
-    let Some((backend, endpoint)) = dial(&shared, peer).await else {
+    // In bind mode there is no NAT: the local address is the portal.
+    let dst = dst.or_else(|| client.local_addr().ok());
+    let balancer = match (&external, dst) {
+        (Some(x), Some(d)) if x.is_external(d) => &x.balancer,
+        _ => &shared.balancer,
+    };
+    let Some((backend, endpoint)) = dial(&shared, balancer, peer).await else {
         return;
     };
     tune(&client);

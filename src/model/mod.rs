@@ -217,6 +217,28 @@ impl DesiredState {
     }
 }
 
+impl DesiredState {
+    /// The addresses traffic to `name` from outside the cluster (NodePort, external and
+    /// load-balancer IPs) may go to, when that differs from [`DesiredState::backends`]: with
+    /// `externalTrafficPolicy: Local`, only this node's endpoints (the client's source address
+    /// is kept, and a node without a local endpoint refuses, so the load balancer moves on).
+    /// `None` when external traffic is treated like internal traffic.
+    pub fn external_backends(&self, name: &ServicePortName, node: &str) -> Option<Vec<SocketAddr>> {
+        let svc = self.services.get(name)?;
+        if svc.external_policy != TrafficPolicy::Local {
+            return None;
+        }
+        let eps = self
+            .endpoints
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        Some(usable_endpoints(
+            eps.iter().filter(|e| e.node_name.as_deref() == Some(node)),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +320,16 @@ mod tests {
             vec!["10.0.0.2:80".parse().unwrap()]
         );
         assert!(state.backends(&name, "n3").is_empty());
+        // External traffic follows its own policy: Cluster here, so no separate set.
+        assert_eq!(state.external_backends(&name, "n2"), None);
+        let svc = state.services.get_mut(&name).unwrap();
+        svc.internal_policy = TrafficPolicy::Cluster;
+        svc.external_policy = TrafficPolicy::Local;
+        assert_eq!(state.backends(&name, "n2").len(), 2);
+        assert_eq!(
+            state.external_backends(&name, "n1"),
+            Some(vec!["10.0.0.1:80".parse().unwrap()])
+        );
+        assert_eq!(state.external_backends(&name, "n3"), Some(vec![]));
     }
 }

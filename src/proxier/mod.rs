@@ -33,8 +33,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::balancer::Balancer;
 use crate::config::{PortRange, PortalMode, Settings};
-use crate::listener::{self, Allowed, Shared, Stats};
-use crate::model::{Affinity, DesiredState, Protocol, ServicePort, ServicePortName};
+use crate::listener::{self, Allowed, ExternalLocal, Shared, Stats};
+use crate::model::{Affinity, DesiredState, Protocol, ServicePort, ServicePortName, TrafficPolicy};
 use plan::{ListenKey, Plan};
 use port_allocator::PortAllocator;
 use rules::{Backend, NodeAddrs, Portal};
@@ -219,6 +219,34 @@ fn allowed_for(spec: &ServicePort) -> Allowed {
     }
 }
 
+/// Installs, updates or removes the separate balancer for external TCP traffic
+/// (`externalTrafficPolicy: Local`; `backends` is `None` otherwise). Returns true when its
+/// endpoint set changed.
+fn apply_external(shared: &Shared, spec: &ServicePort, backends: Option<Vec<SocketAddr>>) -> bool {
+    let Some(backends) = backends.filter(|_| spec.protocol == Protocol::Tcp) else {
+        return shared.external.swap(None).is_some();
+    };
+    let affinity = affinity_timeout(spec.affinity);
+    let current = shared.external.load_full();
+    let (balancer, changed) = match &current {
+        Some(x) => (x.balancer.clone(), x.balancer.update(&backends, affinity)),
+        None => (Arc::new(Balancer::new(backends, affinity)), true),
+    };
+    let cluster = SocketAddr::new(spec.cluster_ip, spec.port);
+    let portals = allowed_for(spec);
+    if current
+        .as_ref()
+        .is_none_or(|x| x.cluster != cluster || x.portals != portals)
+    {
+        shared.external.store(Some(Arc::new(ExternalLocal {
+            cluster,
+            portals,
+            balancer,
+        })));
+    }
+    changed
+}
+
 impl Proxier {
     /// A proxier with `backend` for portals. Tasks are spawned on `tracker`; `kill` ends every
     /// connection at once (after the drain period).
@@ -296,11 +324,17 @@ impl Proxier {
 
     fn open(&mut self, spec: &ServicePort, backends: Vec<SocketAddr>) -> Result<Applied, String> {
         let node_port_claim = self.claim_node_port(spec)?;
+        if spec.protocol == Protocol::Udp && spec.external_policy == TrafficPolicy::Local {
+            // A redirected datagram does not carry its original destination, so one UDP socket
+            // cannot tell NodePort traffic from ClusterIP traffic.
+            warn!(service = %spec.name, "externalTrafficPolicy: Local is honoured for TCP only; UDP external traffic uses every ready endpoint");
+        }
         let shared = Arc::new(Shared {
             name: spec.name.clone(),
             balancer: Arc::new(Balancer::new(backends, affinity_timeout(spec.affinity))),
             stats: Arc::new(Stats::default()),
             allowed: ArcSwapOption::from_pointee(None),
+            external: ArcSwapOption::from_pointee(None),
             udp_idle_timeout: self.opts.udp_idle_timeout,
             udp_max_sessions: self.opts.udp_max_sessions,
             generation: Default::default(),
@@ -475,9 +509,12 @@ impl Proxier {
         let mut flush = Vec::new();
         for (name, a) in &self.applied {
             let backends = desired.backends(name, &self.opts.node_name);
+            let external = desired.external_backends(name, &self.opts.node_name);
+            let external_changed = apply_external(&a.shared, &a.spec, external);
             if a.shared
                 .balancer
                 .update(&backends, affinity_timeout(a.spec.affinity))
+                || external_changed
             {
                 a.shared.generation.fetch_add(1, Ordering::Relaxed);
                 self.counters.endpoint_changes += 1;
