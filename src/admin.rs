@@ -242,6 +242,26 @@ async fn accept_loop<F>(
     }
 }
 
+/// Serves `route` on an already-bound `listener` until `cancel`; returns its address.
+///
+/// # Errors
+/// The listener cannot be registered with the runtime.
+pub fn serve<F>(
+    listener: std::net::TcpListener,
+    route: F,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr>
+where
+    F: Fn(&str) -> Response + Send + Sync + 'static,
+{
+    listener.set_nonblocking(true)?;
+    let l = TcpListener::from_std(listener)?;
+    let bound = l.local_addr()?;
+    tracker.spawn(accept_loop(l, Arc::new(route), tracker.clone(), cancel));
+    Ok(bound)
+}
+
 /// Starts an admin server on `addr`. The first bind is tried now: with `hard_fail` its error is
 /// returned; otherwise it is logged and retried every [`BIND_RETRY`] in the background.
 /// Returns the bound address when the first bind succeeded.

@@ -246,6 +246,69 @@ async fn terminating_fallback_and_internal_traffic_policy() {
     cancel.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_node_port_reports_local_endpoints() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let hc = common::refusing_addr().await.port();
+    let api = FakeApi::start(true).await;
+    let lb = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                    "healthCheckNodePort": hc});
+    api.apply(
+        Kind::Service,
+        fake_api::service("lb", "10.96.0.50", &[("http", 80)], lb),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "lb-0",
+            "lb",
+            "http",
+            a.port(),
+            &[("127.0.0.1", true, false, "test-node")],
+        ),
+    );
+    let proxy = start_proxy(&api, "").await;
+    let at: SocketAddr = format!("127.0.0.1:{hc}").parse().unwrap();
+    let get = move || async move {
+        tokio::task::spawn_blocking(move || userspace_proxy::admin::fetch(at, "/"))
+            .await
+            .unwrap()
+            .ok()
+    };
+    eventually(WAIT, "health-check node port answers 200", || async move {
+        get().await.is_some_and(|(code, _)| code == 200)
+    })
+    .await;
+    let (_, body) = get().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+    assert_eq!(v["service"]["name"], "lb");
+    // The only endpoint moves to another node: this node must be taken out of the LB.
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            "lb-0",
+            "lb",
+            "http",
+            a.port(),
+            &[("127.0.0.1", true, false, "other-node")],
+        ),
+    );
+    eventually(WAIT, "health-check node port answers 503", || async move {
+        get().await.is_some_and(|(code, _)| code == 503)
+    })
+    .await;
+    // The service goes: so does its health-check port.
+    api.delete(Kind::Service, "default", "lb");
+    eventually(WAIT, "health-check node port closed", || async move {
+        get().await.is_none()
+    })
+    .await;
+    proxy.stop().await;
+    cancel.cancel();
+}
+
 /// Writes `ping`, expects the echo: the connection is alive end to end.
 async fn echo(conn: &mut TcpStream, what: &str) {
     conn.write_all(b"ping").await.unwrap();

@@ -225,6 +225,19 @@ pub fn service_ports(
     let external_policy = parse_policy(spec.external_traffic_policy.as_deref())
         .map_err(|m| err_svc(svc, "spec.externalTrafficPolicy", m))?;
 
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(n) if external_policy == TrafficPolicy::Local && n != 0 => {
+            Some(port_number(n).ok_or_else(|| {
+                err_svc(
+                    svc,
+                    "spec.healthCheckNodePort",
+                    format!("{n} is not a port number (1-65535)"),
+                )
+            })?)
+        }
+        _ => None,
+    };
+
     let mut ports = Vec::new();
     let mut skipped = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
@@ -266,6 +279,7 @@ pub fn service_ports(
             affinity,
             internal_policy,
             external_policy,
+            health_check_node_port,
         });
     }
     Ok((ports, skipped))
@@ -435,6 +449,20 @@ status:
             ["10.96.0.10:80", "203.0.113.7:80", "198.51.100.9:80"]
         );
         assert_eq!(ports[1].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn health_check_node_port_only_with_local_external_policy() {
+        let local = svc("apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{port: 80}]}");
+        let (ports, _) = service_ports(&local, "10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(ports[0].health_check_node_port, Some(32000));
+        assert_eq!(ports[0].external_policy, TrafficPolicy::Local);
+        let cluster = svc("apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec: {type: LoadBalancer, healthCheckNodePort: 32000, ports: [{port: 80}]}");
+        let (ports, _) = service_ports(&cluster, "10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(ports[0].health_check_node_port, None);
+        let bad = svc("apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec: {externalTrafficPolicy: Local, healthCheckNodePort: 70000, ports: [{port: 80}]}");
+        let e = service_ports(&bad, "10.96.0.1".parse().unwrap()).unwrap_err();
+        assert_eq!(e.field, "spec.healthCheckNodePort");
     }
 
     #[test]

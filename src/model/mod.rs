@@ -123,6 +123,9 @@ pub struct ServicePort {
     pub internal_policy: TrafficPolicy,
     /// `spec.externalTrafficPolicy`.
     pub external_policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort` of a `LoadBalancer` service with `externalTrafficPolicy:
+    /// Local`: load balancers ask it whether this node has a local endpoint.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -308,6 +311,7 @@ mod tests {
                 affinity: Affinity::None,
                 internal_policy: TrafficPolicy::Local,
                 external_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
             },
         );
         let mut a = ep("10.0.0.1:80", true, true, false);

@@ -13,6 +13,7 @@
 //! A failure on one service port (its NodePort is taken, no proxy port is free) is logged and
 //! shown in the status for that port only; the next sync retries it.
 
+pub mod health_ports;
 pub mod pacing;
 pub mod plan;
 pub mod port_allocator;
@@ -172,6 +173,8 @@ pub struct Proxier {
     kill: CancellationToken,
     status: watch::Sender<Arc<Status>>,
     counters: Status,
+    /// Health-check node ports of `externalTrafficPolicy: Local` load-balancer services.
+    health_ports: health_ports::HealthPorts,
     /// Proxy ports of a previous run, by portal, re-bound where possible.
     adopt: std::collections::HashMap<(IpAddr, Protocol, u16), u16>,
 }
@@ -257,14 +260,20 @@ impl Proxier {
         kill: CancellationToken,
     ) -> Self {
         let (status, _) = watch::channel(Arc::new(Status::default()));
+        let listeners = CancellationToken::new();
         Self {
             allocator: PortAllocator::new(&opts.port_range),
+            health_ports: health_ports::HealthPorts::new(
+                opts.bind_address,
+                tracker.clone(),
+                listeners.clone(),
+            ),
             opts,
             backend,
             applied: BTreeMap::new(),
             failures: BTreeMap::new(),
             tracker,
-            listeners: CancellationToken::new(),
+            listeners,
             kill,
             status,
             counters: Status::default(),
@@ -424,6 +433,38 @@ impl Proxier {
         info!(service = %a.spec.name, protocol = %a.spec.protocol, proxy_port = a.proxy_port, "closed service port");
     }
 
+    /// Serves a health-check node port for every applied service that has one, reporting the
+    /// service's distinct ready endpoint addresses on this node.
+    fn sync_health_ports(&mut self, desired: &DesiredState) {
+        let mut wanted: BTreeMap<u16, health_ports::Wanted> = BTreeMap::new();
+        let mut local: BTreeMap<u16, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
+        for (name, a) in &self.applied {
+            let Some(port) = a.spec.health_check_node_port else {
+                continue;
+            };
+            wanted.entry(port).or_insert_with(|| health_ports::Wanted {
+                service: (name.namespace.clone(), name.name.clone()),
+                local_endpoints: 0,
+            });
+            let eps = desired
+                .external_backends(name, &self.opts.node_name)
+                .unwrap_or_default();
+            local
+                .entry(port)
+                .or_default()
+                .extend(eps.iter().map(|e| e.ip()));
+        }
+        for (port, w) in &mut wanted {
+            w.local_endpoints = local.get(port).map_or(0, |s| s.len());
+        }
+        self.health_ports.sync(&wanted);
+    }
+
+    /// Health-check node ports being served.
+    pub fn health_check_ports(&self) -> Vec<u16> {
+        self.health_ports.ports()
+    }
+
     /// Applies one desired state now (no pacing). Returns the plan that was carried out.
     pub fn sync(&mut self, desired: &DesiredState) -> Plan {
         let started = Instant::now();
@@ -525,6 +566,8 @@ impl Proxier {
             }
             a.shared.balancer.expire_pins();
         }
+
+        self.sync_health_ports(desired);
 
         let t_listeners = started.elapsed();
         let portals: Vec<Portal> = self

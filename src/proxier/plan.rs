@@ -84,6 +84,7 @@ mod tests {
             affinity: Affinity::None,
             internal_policy: TrafficPolicy::Cluster,
             external_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
         }
     }
 

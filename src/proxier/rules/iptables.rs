@@ -741,6 +741,7 @@ mod tests {
                 affinity: Affinity::None,
                 internal_policy: TrafficPolicy::Cluster,
                 external_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
             },
             proxy_port: 41234,
         }
