@@ -129,8 +129,12 @@ pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, confi
     }
     settings.master = overrides.master.clone();
     let source = source_kind(&settings, &file, kube_source::in_cluster());
-    // Build the state now so object errors stop the start too.
-    let state = file_source::desired_from(&file, &settings)?;
+    // Build the state now so object errors stop the start too (the file's objects only matter
+    // when the file is the source).
+    let state = match source {
+        SourceKind::File => file_source::desired_from(&file, &settings)?,
+        SourceKind::Kubernetes => DesiredState::default(),
+    };
     Ok(Loaded {
         path,
         text,
@@ -311,7 +315,9 @@ pub async fn start(
             stats
         }
         Some(client) => {
-            if !loaded.file.services.is_empty() || !loaded.file.slices.is_empty() {
+            if loaded.path.is_some()
+                && !(loaded.file.services.is_empty() && loaded.file.slices.is_empty())
+            {
                 warn!("the configuration file lists services, but the Kubernetes API is the source: they are ignored");
             }
             let source = KubeSource::new(
@@ -358,4 +364,60 @@ pub async fn start(
         cancel,
         done,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (ConfigFile, Settings) {
+        let f = ConfigFile::parse("t.yaml", text).unwrap();
+        let s = f.settings().unwrap();
+        (f, s)
+    }
+
+    #[test]
+    fn the_source_is_chosen_as_kube_proxy_would() {
+        let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nhostnameOverride: n\n";
+        let with_services = format!("{head}---\napiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{port: 80}}]}}\n");
+        let (bare, bare_settings) = file(head);
+        let (svc, svc_settings) = file(&with_services);
+        // No Kubernetes at all: the file, even if it lists nothing.
+        assert_eq!(source_kind(&bare_settings, &bare, false), SourceKind::File);
+        // In a pod: the API, unless the file lists services.
+        assert_eq!(
+            source_kind(&bare_settings, &bare, true),
+            SourceKind::Kubernetes
+        );
+        assert_eq!(source_kind(&svc_settings, &svc, true), SourceKind::File);
+        // A kubeconfig or --master always means the API.
+        let mut s = svc_settings.clone();
+        s.kubeconfig = Some("/etc/kubeconfig".into());
+        assert_eq!(source_kind(&s, &svc, false), SourceKind::Kubernetes);
+        let mut s = svc_settings;
+        s.master = Some("https://10.0.0.1:6443".into());
+        assert_eq!(source_kind(&s, &svc, false), SourceKind::Kubernetes);
+    }
+
+    #[test]
+    fn master_must_be_a_url() {
+        let e = load(
+            None,
+            Overrides {
+                master: Some("10.0.0.1:6443".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--master"), "{e}");
+        let ok = load(
+            None,
+            Overrides {
+                master: Some("https://10.0.0.1:6443".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ok.source, SourceKind::Kubernetes);
+    }
 }

@@ -309,6 +309,58 @@ async fn health_check_node_port_reports_local_endpoints() {
     cancel.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfig_from_the_configuration_file_selects_the_api_server() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    api.apply(
+        Kind::Service,
+        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
+    );
+    slices_for(&api, "web", "http", &[(a, "test-node")]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start_with(
+        &header(&format!(
+            "clientConnection: {{kubeconfig: \"{}\"}}\n",
+            kubeconfig.display()
+        )),
+        Overrides::default(),
+    )
+    .await;
+    let web = proxy.wait_port("web", "http").await;
+    assert_eq!(ids(web, 2).await, set(&["a"]));
+    proxy.stop().await;
+
+    // A kubeconfig that does not exist stops the start, naming the file.
+    let missing = dir.path().join("nope");
+    let loaded = userspace_proxy::app::load(
+        None,
+        Overrides {
+            kubeconfig: Some(missing.display().to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (_hup, rx) = tokio::sync::mpsc::channel(1);
+    let err =
+        userspace_proxy::app::start(loaded, userspace_proxy::proxier::rules::Backend::None, rx)
+            .await
+            .unwrap_err();
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains(&missing.display().to_string()), "{chain}");
+    cancel.cancel();
+}
+
 /// Writes `ping`, expects the echo: the connection is alive end to end.
 async fn echo(conn: &mut TcpStream, what: &str) {
     conn.write_all(b"ping").await.unwrap();
