@@ -44,6 +44,36 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// `default/web`, one TCP port `http` on 10.96.0.10:80.
+fn web_service(api: &FakeApi) {
+    api.apply(
+        Kind::Service,
+        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
+    );
+}
+
+/// A slice `name` of `service` (port `http`) with one loopback backend and its conditions.
+fn one_slice(
+    api: &FakeApi,
+    name: &str,
+    service: &str,
+    backend: SocketAddr,
+    ready: bool,
+    terminating: bool,
+    node: &str,
+) {
+    api.apply(
+        Kind::EndpointSlice,
+        fake_api::slice(
+            name,
+            service,
+            "http",
+            backend.port(),
+            &[(&backend.ip().to_string(), ready, terminating, node)],
+        ),
+    );
+}
+
 /// A slice per backend (loopback backends differ in port; a slice has one port per name).
 fn slices_for(api: &FakeApi, service: &str, port_name: &str, backends: &[(SocketAddr, &str)]) {
     for (i, (addr, node)) in backends.iter().enumerate() {
@@ -68,10 +98,7 @@ async fn initial_sync_gate_then_services_added_changed_removed() {
     let c = tcp_backend("c", cancel.clone()).await;
     let api = FakeApi::start(true).await;
     api.add_node("test-node");
-    api.apply(
-        Kind::Service,
-        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
-    );
+    web_service(&api);
     slices_for(&api, "web", "http", &[(a, "test-node"), (b, "test-node")]);
     // Neither the headless-labelled nor another proxy's service is ours.
     let mut other = fake_api::service("other", "10.96.0.11", &[("http", 80)], json!({}));
@@ -124,16 +151,7 @@ async fn initial_sync_gate_then_services_added_changed_removed() {
     .await;
 
     // Changed: web's endpoints move to c only (slice 0 now names c, slice 1 is deleted).
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "web-0",
-            "web",
-            "http",
-            c.port(),
-            &[("127.0.0.1", true, false, "test-node")],
-        ),
-    );
+    one_slice(&api, "web-0", "web", c, true, false, "test-node");
     api.delete(Kind::EndpointSlice, "default", "web-1");
     eventually(WAIT, "web served by c only", || async move {
         ids(web, 4).await == set(&["c"])
@@ -166,31 +184,10 @@ async fn terminating_fallback_and_internal_traffic_policy() {
     let a = tcp_backend("a", cancel.clone()).await;
     let b = tcp_backend("b", cancel.clone()).await;
     let api = FakeApi::start(true).await;
-    api.apply(
-        Kind::Service,
-        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
-    );
+    web_service(&api);
     // a is terminating but still serving; b is ready: only b gets traffic.
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "web-0",
-            "web",
-            "http",
-            a.port(),
-            &[("127.0.0.1", false, true, "test-node")],
-        ),
-    );
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "web-1",
-            "web",
-            "http",
-            b.port(),
-            &[("127.0.0.1", true, false, "test-node")],
-        ),
-    );
+    one_slice(&api, "web-0", "web", a, false, true, "test-node");
+    one_slice(&api, "web-1", "web", b, true, false, "test-node");
     let proxy = start_proxy(&api, "").await;
     let web = proxy.wait_port("web", "http").await;
     assert_eq!(ids(web, 4).await, set(&["b"]));
@@ -213,26 +210,8 @@ async fn terminating_fallback_and_internal_traffic_policy() {
             json!({"internalTrafficPolicy": "Local"}),
         ),
     );
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "local-0",
-            "local",
-            "http",
-            a.port(),
-            &[("127.0.0.1", true, false, "test-node")],
-        ),
-    );
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "local-1",
-            "local",
-            "http",
-            b.port(),
-            &[("127.0.0.1", true, false, "other-node")],
-        ),
-    );
+    one_slice(&api, "local-0", "local", a, true, false, "test-node");
+    one_slice(&api, "local-1", "local", b, true, false, "other-node");
     let local = proxy.wait_port("local", "http").await;
     eventually(WAIT, "local service has its endpoints", || {
         let n = proxy
@@ -258,16 +237,7 @@ async fn health_check_node_port_reports_local_endpoints() {
         Kind::Service,
         fake_api::service("lb", "10.96.0.50", &[("http", 80)], lb),
     );
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "lb-0",
-            "lb",
-            "http",
-            a.port(),
-            &[("127.0.0.1", true, false, "test-node")],
-        ),
-    );
+    one_slice(&api, "lb-0", "lb", a, true, false, "test-node");
     let proxy = start_proxy(&api, "").await;
     let at: SocketAddr = format!("127.0.0.1:{hc}").parse().unwrap();
     let get = move || async move {
@@ -285,16 +255,7 @@ async fn health_check_node_port_reports_local_endpoints() {
     assert_eq!(v["localEndpoints"], 1, "{body}");
     assert_eq!(v["service"]["name"], "lb");
     // The only endpoint moves to another node: this node must be taken out of the LB.
-    api.apply(
-        Kind::EndpointSlice,
-        fake_api::slice(
-            "lb-0",
-            "lb",
-            "http",
-            a.port(),
-            &[("127.0.0.1", true, false, "other-node")],
-        ),
-    );
+    one_slice(&api, "lb-0", "lb", a, true, false, "other-node");
     eventually(WAIT, "health-check node port answers 503", || async move {
         get().await.is_some_and(|(code, _)| code == 503)
     })
@@ -314,10 +275,7 @@ async fn kubeconfig_from_the_configuration_file_selects_the_api_server() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
     let api = FakeApi::start(true).await;
-    api.apply(
-        Kind::Service,
-        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
-    );
+    web_service(&api);
     slices_for(&api, "web", "http", &[(a, "test-node")]);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -378,10 +336,7 @@ async fn api_server_lost_and_restored_disturbs_nothing() {
     let a = tcp_backend("a", cancel.clone()).await;
     let b = tcp_backend("b", cancel.clone()).await;
     let api = FakeApi::start(true).await;
-    api.apply(
-        Kind::Service,
-        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
-    );
+    web_service(&api);
     slices_for(&api, "web", "http", &[(a, "test-node")]);
     let proxy = start_proxy(&api, "").await;
     let web = proxy.wait_port("web", "http").await;
@@ -439,10 +394,7 @@ async fn endpoints_fallback_on_a_cluster_without_endpoint_slices() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
     let api = FakeApi::start(false).await;
-    api.apply(
-        Kind::Service,
-        fake_api::service("web", "10.96.0.10", &[("http", 80)], json!({})),
-    );
+    web_service(&api);
     api.apply(
         Kind::Endpoints,
         json!({"metadata": {"name": "web", "namespace": "default"},

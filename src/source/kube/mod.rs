@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 
 use super::SourceStats;
 use crate::config::{EndpointSource, Settings};
-use crate::model::DesiredState;
+use crate::model::{convert, DesiredState};
 use store::Store;
 
 /// Label a Service carries when another proxy implementation serves it.
@@ -237,7 +237,7 @@ impl KubeSource {
         self.stats.clone()
     }
 
-    fn refuse(&self, e: &crate::model::convert::Error) {
+    fn refuse(&self, e: &convert::Error) {
         error!(object = %e.object, field = %e.field, error = %e.message, "object refused; its last good version keeps serving");
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         *self
@@ -406,75 +406,94 @@ impl KubeSource {
         legacy: &mut ListState<Endpoints>,
     ) -> bool {
         match change {
-            Change::Service(Err(e)) | Change::Slice(Err(e)) | Change::Endpoints(Err(e)) => {
-                warn!(error = %e, "watch failed; the last known state keeps serving, retrying with backoff");
-                false
-            }
-            Change::Service(Ok(ev)) => match step(services, ev) {
-                Step::Nothing => false,
-                Step::Listed(list) => {
-                    debug!(services = list.len(), "services listed");
-                    for e in store.replace_services(&list) {
-                        self.refuse(&e);
-                    }
-                    true
-                }
-                Step::Applied(svc) => {
-                    match store.apply_service(&svc) {
-                        Ok(Some(why)) => {
-                            debug!(service = ?crate::model::convert::namespaced_name(&svc.metadata), reason = %why, "skipped")
-                        }
-                        Ok(None) => {}
-                        Err(e) => self.refuse(&e),
-                    }
-                    true
-                }
-                Step::Deleted(svc) => {
-                    store.delete_service(&svc);
-                    true
-                }
-            },
-            Change::Slice(Ok(ev)) => match step(slices, ev) {
-                Step::Nothing => false,
-                Step::Listed(list) => {
-                    debug!(slices = list.len(), "endpoint slices listed");
-                    for e in store.replace_slices(&list) {
-                        self.refuse(&e);
-                    }
-                    true
-                }
-                Step::Applied(s) => {
-                    if let Err(e) = store.apply_slice(&s) {
-                        self.refuse(&e);
-                    }
-                    true
-                }
-                Step::Deleted(s) => {
-                    store.delete_slice(&s);
-                    true
-                }
-            },
-            Change::Endpoints(Ok(ev)) => match step(legacy, ev) {
-                Step::Nothing => false,
-                Step::Listed(list) => {
-                    debug!(endpoints = list.len(), "endpoints listed");
-                    for e in store.replace_endpoints(&list) {
-                        self.refuse(&e);
-                    }
-                    true
-                }
-                Step::Applied(ep) => {
-                    if let Err(e) = store.apply_endpoints(&ep) {
-                        self.refuse(&e);
-                    }
-                    true
-                }
-                Step::Deleted(ep) => {
-                    store.delete_endpoints(&ep);
-                    true
-                }
-            },
+            Change::Service(r) => self.fold_one(r, services, store),
+            Change::Slice(r) => self.fold_one(r, slices, store),
+            Change::Endpoints(r) => self.fold_one(r, legacy, store),
         }
+    }
+
+    fn fold_one<K: Watched>(
+        &self,
+        event: Result<Event<K>, watcher::Error>,
+        state: &mut ListState<K>,
+        store: &mut Store,
+    ) -> bool {
+        let ev = match event {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(kind = K::KIND, error = %e, "watch failed; the last known state keeps serving, retrying with backoff");
+                return false;
+            }
+        };
+        let result = match step(state, ev) {
+            Step::Nothing => return false,
+            Step::Listed(list) => {
+                debug!(kind = K::KIND, objects = list.len(), "listed");
+                for e in K::replace(store, &list) {
+                    self.refuse(&e);
+                }
+                return true;
+            }
+            Step::Applied(obj) => K::apply(store, &obj),
+            Step::Deleted(obj) => {
+                K::delete(store, &obj);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            self.refuse(&e);
+        }
+        true
+    }
+}
+
+/// A kind of object the source watches, and what each of its events does to the store.
+trait Watched: Sized {
+    const KIND: &'static str;
+    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error>;
+    fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error>;
+    fn delete(store: &mut Store, obj: &Self);
+}
+
+impl Watched for Service {
+    const KIND: &'static str = "Service";
+    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error> {
+        store.replace_services(list)
+    }
+    fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error> {
+        if let Some(why) = store.apply_service(obj)? {
+            debug!(service = ?convert::namespaced_name(&obj.metadata), reason = %why, "skipped");
+        }
+        Ok(())
+    }
+    fn delete(store: &mut Store, obj: &Self) {
+        store.delete_service(obj)
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error> {
+        store.replace_slices(list)
+    }
+    fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error> {
+        store.apply_slice(obj)
+    }
+    fn delete(store: &mut Store, obj: &Self) {
+        store.delete_slice(obj)
+    }
+}
+
+impl Watched for Endpoints {
+    const KIND: &'static str = "Endpoints";
+    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error> {
+        store.replace_endpoints(list)
+    }
+    fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error> {
+        store.apply_endpoints(obj)
+    }
+    fn delete(store: &mut Store, obj: &Self) {
+        store.delete_endpoints(obj)
     }
 }
 
