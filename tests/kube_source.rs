@@ -423,6 +423,33 @@ async fn endpoints_fallback_on_a_cluster_without_endpoint_slices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_source_can_be_forced() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    web_service(&api);
+    api.apply(
+        Kind::Endpoints,
+        json!({"metadata": {"name": "web", "namespace": "default"},
+               "subsets": [{"addresses": [{"ip": "127.0.0.1"}],
+                            "ports": [{"name": "http", "port": a.port(), "protocol": "TCP"}]}]}),
+    );
+    let proxy = start_proxy(&api, "endpointSource: Endpoints\n").await;
+    let web = proxy.wait_port("web", "http").await;
+    eventually(WAIT, "web served from v1 Endpoints", || async move {
+        ids(web, 2).await == set(&["a"])
+    })
+    .await;
+    let reqs = api.requests();
+    assert!(
+        !reqs.iter().any(|p| p.contains("discovery.k8s.io")),
+        "forced: no discovery and no slice watch: {reqs:?}"
+    );
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_own_service_proxy_name_serves_only_labelled_services() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
