@@ -132,7 +132,7 @@ pub fn load(path: Option<PathBuf>, overrides: Overrides) -> Result<Loaded, confi
     // Build the state now so object errors stop the start too (the file's objects only matter
     // when the file is the source).
     let state = match source {
-        SourceKind::File => file_source::desired_from(&file, &settings)?,
+        SourceKind::File => file_source::desired_from(&file, &settings, &mut cache)?,
         SourceKind::Kubernetes => DesiredState::default(),
     };
     Ok(Loaded {

@@ -135,7 +135,12 @@ async fn initial_sync_gate_then_services_added_changed_removed() {
     let web = proxy.wait_port("web", "http").await;
     assert_eq!(ids(web, 6).await, set(&["a", "b"]));
     let st = proxy.status();
-    assert_eq!(st.ports.len(), 1, "only web: {:?}", st.ports.keys());
+    assert_eq!(
+        st.ports.len(),
+        1,
+        "only web: {:?}",
+        st.ports.keys().collect::<Vec<_>>()
+    );
 
     // Added: a second service.
     api.apply(

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -25,12 +26,13 @@ pub struct ConfigFile {
     pub proxy: KubeProxyConfiguration,
     /// Document number of the proxy configuration (0 if absent).
     pub proxy_document: usize,
-    /// Services with their document numbers.
-    pub services: Vec<(usize, Service)>,
+    /// Services with their document numbers. (Shared with the parse cache: a reload that
+    /// finds a document unchanged reuses the object, and its conversion.)
+    pub services: Vec<(usize, Arc<Service>)>,
     /// Endpoints with their document numbers.
-    pub endpoints: Vec<(usize, Endpoints)>,
+    pub endpoints: Vec<(usize, Arc<Endpoints>)>,
     /// EndpointSlices with their document numbers.
-    pub slices: Vec<(usize, EndpointSlice)>,
+    pub slices: Vec<(usize, Arc<EndpointSlice>)>,
 }
 
 /// Something in the file that is deliberately not proxied, for a log line.
@@ -69,15 +71,17 @@ fn typed<T: for<'de> Deserialize<'de>>(
 enum Doc {
     Empty,
     Config(Box<KubeProxyConfiguration>),
-    Service(Box<Service>),
-    Endpoints(Box<Endpoints>),
-    Slice(Box<EndpointSlice>),
+    Service(Arc<Service>),
+    Endpoints(Arc<Endpoints>),
+    Slice(Arc<EndpointSlice>),
 }
 
-/// Parsed documents by the hash of their text, so a reload parses only what changed.
+/// Parsed documents by the hash of their text, so a reload parses only what changed, and the
+/// conversions of their objects, so it converts only what changed.
 #[derive(Debug, Default)]
 pub struct ParseCache {
     docs: HashMap<u64, (Doc, String)>,
+    convert: ConvertCache,
 }
 
 /// Splits YAML text at document markers. A line that is `---` (or starts with `--- `) always
@@ -132,9 +136,9 @@ fn parse_document(origin: &str, document: usize, text: &str) -> Result<(Doc, Str
     };
     let doc = match (api_version.as_str(), kind.as_str()) {
         (API_VERSION, KIND) => Doc::Config(Box::new(typed(origin, document, KIND, value)?)),
-        ("v1", "Service") => Doc::Service(Box::new(typed(origin, document, &label, value)?)),
-        ("v1", "Endpoints") => Doc::Endpoints(Box::new(typed(origin, document, &label, value)?)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Doc::Slice(Box::new(typed(origin, document, &label, value)?)),
+        ("v1", "Service") => Doc::Service(Arc::new(typed(origin, document, &label, value)?)),
+        ("v1", "Endpoints") => Doc::Endpoints(Arc::new(typed(origin, document, &label, value)?)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Doc::Slice(Arc::new(typed(origin, document, &label, value)?)),
         _ => {
             return Err(Error::Document {
                 origin: origin.into(),
@@ -222,9 +226,9 @@ impl ConfigFile {
                     out.proxy = *c;
                     out.proxy_document = document;
                 }
-                Doc::Service(o) => out.services.push((document, *o)),
-                Doc::Endpoints(o) => out.endpoints.push((document, *o)),
-                Doc::Slice(o) => out.slices.push((document, *o)),
+                Doc::Service(o) => out.services.push((document, o)),
+                Doc::Endpoints(o) => out.endpoints.push((document, o)),
+                Doc::Slice(o) => out.slices.push((document, o)),
             }
         }
         cache.docs = next;
@@ -246,6 +250,22 @@ impl ConfigFile {
     /// Invalid fields, a cluster IP outside the service range, or two service ports on the same
     /// `ClusterIP:port/protocol`, each naming the document and the object.
     pub fn desired_state(&self, settings: &Settings) -> Result<(DesiredState, Vec<Skipped>)> {
+        self.desired_state_cached(settings, &mut ParseCache::default())
+    }
+
+    /// Like [`desired_state`](Self::desired_state), reusing the conversions of objects that
+    /// are unchanged since the last call with the same `cache` (which parsed this file, and
+    /// hands back the same object for an unchanged document).
+    ///
+    /// # Errors
+    /// As [`desired_state`](Self::desired_state).
+    pub fn desired_state_cached(
+        &self,
+        settings: &Settings,
+        cache: &mut ParseCache,
+    ) -> Result<(DesiredState, Vec<Skipped>)> {
+        let cache = &mut cache.convert;
+        let mut next = ConvertCache::default();
         let field_err = |document: usize, e: convert::Error| Error::Field {
             origin: self.origin.clone(),
             document,
@@ -254,23 +274,30 @@ impl ConfigFile {
             message: e.message,
         };
         let mut skipped = Vec::new();
-        let mut wanted: Vec<(usize, &Service)> = Vec::new();
+        let mut wanted: Vec<(usize, &Arc<Service>, String)> = Vec::new();
         let mut explicit: BTreeMap<String, Option<IpAddr>> = BTreeMap::new();
-        let mut doc_of: HashMap<String, usize> = HashMap::new();
         for (document, svc) in &self.services {
-            let (ns, name) = convert::namespaced_name(&svc.metadata);
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let name = svc.metadata.name.as_deref().unwrap_or_default();
+            let key = format!("{ns}/{name}");
             if let Some(skip) = convert::skip_service(svc, true) {
                 skipped.push(Skipped {
-                    what: format!("Service {ns}/{name}"),
+                    what: format!("Service {key}"),
                     reason: skip.reason().into(),
                 });
                 continue;
             }
             let ip = convert::explicit_cluster_ip(svc).map_err(|e| field_err(*document, e))?;
-            explicit.insert(format!("{ns}/{name}"), ip);
-            doc_of.insert(format!("{ns}/{name}"), *document);
-            wanted.push((*document, svc));
+            explicit.insert(key.clone(), ip);
+            wanted.push((*document, svc, key));
         }
+        // The document of a service, for an allocation error (rare: looked up only then).
+        let doc_of = |service: &str| {
+            wanted
+                .iter()
+                .find(|(_, _, k)| k == service)
+                .map_or(0, |(d, _, _)| *d)
+        };
         let ips = cluster_ip::assign(&settings.service_cidr, &explicit).map_err(|e| {
             let (service, field) = match &e {
                 cluster_ip::Error::OutsideRange { service, .. }
@@ -288,7 +315,7 @@ impl ConfigFile {
             };
             Error::Field {
                 origin: self.origin.clone(),
-                document: doc_of.get(&service).copied().unwrap_or(0),
+                document: doc_of(&service),
                 object: format!("Service {service}"),
                 field: field.into(),
                 message,
@@ -298,11 +325,22 @@ impl ConfigFile {
         let mut state = DesiredState::default();
         let mut portal_owner: HashMap<(IpAddr, u16, model::Protocol), ServicePortName> =
             HashMap::new();
-        for (document, svc) in wanted {
-            let (ns, name) = convert::namespaced_name(&svc.metadata);
-            let ip = ips[&format!("{ns}/{name}")];
-            let (ports, skipped_ports) =
-                convert::service_ports(svc, ip).map_err(|e| field_err(document, e))?;
+        for (document, svc, key) in &wanted {
+            let document = *document;
+            let ip = ips[key];
+            let ptr = Arc::as_ptr(svc) as usize;
+            let (ports, skipped_ports) = match cache.services.remove(&ptr) {
+                Some(hit) if hit.1 == ip => (hit.2.clone(), hit.3.clone()),
+                _ => {
+                    let (p, sk) =
+                        convert::service_ports(svc, ip).map_err(|e| field_err(document, e))?;
+                    (p.into_iter().map(Arc::new).collect::<Vec<_>>(), sk)
+                }
+            };
+            next.services.insert(
+                ptr,
+                (Arc::clone(svc), ip, ports.clone(), skipped_ports.clone()),
+            );
             skipped.extend(skipped_ports.into_iter().map(|s| Skipped {
                 what: s.name.to_string(),
                 reason: s.reason,
@@ -315,7 +353,7 @@ impl ConfigFile {
                     return Err(Error::Field {
                         origin: self.origin.clone(),
                         document,
-                        object: format!("Service {ns}/{name}"),
+                        object: format!("Service {key}"),
                         field: format!("spec.ports[{i}].port"),
                         message: format!(
                             "{}:{}/{} is already used by {other}",
@@ -323,19 +361,16 @@ impl ConfigFile {
                         ),
                     });
                 }
-                if state
-                    .services
-                    .insert(port.name.clone(), port.clone())
-                    .is_some()
-                {
+                if state.services.contains_key(&port.name) {
                     return Err(Error::Field {
                         origin: self.origin.clone(),
                         document,
-                        object: format!("Service {ns}/{name}"),
+                        object: format!("Service {key}"),
                         field: format!("spec.ports[{i}].name"),
                         message: format!("port name {:?} is used twice", port.name.port),
                     });
                 }
+                state.services.insert(port.name.clone(), port);
             }
         }
 
@@ -359,34 +394,67 @@ impl ConfigFile {
                 .or_default()
                 .push((*document, slice));
         }
-        let mut by_service: BTreeMap<(String, String), BTreeMap<String, Vec<model::Endpoint>>> =
+        let mut by_service: BTreeMap<(String, String), Vec<(ServicePortName, EndpointList)>> =
             BTreeMap::new();
-        for (key, group) in &slices_by_svc {
+        let named = |ns: &str, name: &str, ports: BTreeMap<String, Vec<model::Endpoint>>| {
+            ports
+                .into_iter()
+                .map(|(port, eps)| (ServicePortName::new(ns, name, port), Arc::new(eps)))
+                .collect::<Vec<_>>()
+        };
+        for ((ns, name), group) in &slices_by_svc {
             let first_doc = group[0].0;
-            let merged = convert::merge_slices(group.iter().map(|(_, s)| *s))
+            let merged = convert::merge_slices(group.iter().map(|(_, s)| &**s))
                 .map_err(|e| field_err(first_doc, e))?;
-            by_service.insert(key.clone(), merged);
+            by_service.insert((ns.clone(), name.clone()), named(ns, name, merged));
         }
         for (document, ep) in &self.endpoints {
             let key = convert::namespaced_name(&ep.metadata);
             if by_service.contains_key(&key) {
                 continue;
             }
-            by_service.insert(
-                key,
-                convert::endpoints_by_port(ep).map_err(|e| field_err(*document, e))?,
-            );
+            let ptr = Arc::as_ptr(ep) as usize;
+            let list = match cache.endpoints.remove(&ptr) {
+                Some((_, list)) => list,
+                None => {
+                    let by_port =
+                        convert::endpoints_by_port(ep).map_err(|e| field_err(*document, e))?;
+                    named(&key.0, &key.1, by_port)
+                }
+            };
+            next.endpoints.insert(ptr, (ep.clone(), list.clone()));
+            by_service.insert(key, list);
         }
-        for ((ns, name), ports) in by_service {
-            for (port_name, eps) in ports {
-                let spn = ServicePortName::new(&ns, &name, port_name);
+        for (_, ports) in by_service {
+            for (spn, eps) in ports {
                 if state.services.contains_key(&spn) {
                     state.endpoints.insert(spn, eps);
                 }
             }
         }
+        *cache = next;
         Ok((state, skipped))
     }
+}
+
+type EndpointList = Arc<Vec<model::Endpoint>>;
+/// A Service, the cluster IP it was converted with, its ports and its skipped ports.
+type ConvertedService = (
+    Arc<Service>,
+    IpAddr,
+    Vec<Arc<model::ServicePort>>,
+    Vec<convert::SkippedPort>,
+);
+/// An Endpoints object and its endpoints by service port.
+type ConvertedEndpoints = (Arc<Endpoints>, Vec<(ServicePortName, EndpointList)>);
+
+/// Conversions of the objects of the last reload, keyed by object identity: an unchanged
+/// document keeps its object (see [`ParseCache`]), so its conversion is reused instead of
+/// redone. Each entry holds its object, so an address is never reused while it is a key.
+#[derive(Debug, Default)]
+struct ConvertCache {
+    services: HashMap<usize, ConvertedService>,
+    endpoints: HashMap<usize, ConvertedEndpoints>,
 }
 
 /// Reads and parses a file.
@@ -411,6 +479,36 @@ mod tests {
         let f = ConfigFile::parse("test.yaml", text)?;
         let s = f.settings()?;
         f.desired_state(&s).map(|(d, _)| d)
+    }
+
+    #[test]
+    fn a_cached_reload_gives_what_a_fresh_parse_gives() {
+        let svc = |n: &str, ip: &str| format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{{ip}ports: [{{name: p, port: 80}}]}}\n");
+        let eps = |n: &str, addr: &str| format!("---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {n}}}\nsubsets: [{{addresses: [{{ip: {addr}}}], ports: [{{name: p, port: 8080}}]}}]\n");
+        let first = format!(
+            "{HEAD}{}{}{}{}",
+            svc("a", "clusterIP: 10.96.0.5, "),
+            eps("a", "10.1.0.1"),
+            svc("b", ""),
+            eps("b", "10.1.0.2")
+        );
+        // a's endpoints change, b's document is untouched, c is new and takes an address.
+        let second = format!(
+            "{HEAD}{}{}{}{}{}{}",
+            svc("a", "clusterIP: 10.96.0.5, "),
+            eps("a", "10.1.0.9"),
+            svc("b", ""),
+            eps("b", "10.1.0.2"),
+            svc("c", ""),
+            eps("c", "10.1.0.3")
+        );
+        let mut cache = ParseCache::default();
+        for text in [&first, &second, &first, &second] {
+            let f = ConfigFile::parse_cached("test.yaml", text, &mut cache).unwrap();
+            let s = f.settings().unwrap();
+            let (cached, _) = f.desired_state_cached(&s, &mut cache).unwrap();
+            assert_eq!(cached, state(text).unwrap());
+        }
     }
 
     #[test]

@@ -8,9 +8,9 @@
 pub mod cluster_ip;
 pub mod convert;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default ClientIP affinity timeout, `v1.DefaultClientIPServiceAffinitySeconds` (3 h).
@@ -193,12 +193,17 @@ pub fn usable_endpoints<'a>(
 }
 
 /// A complete snapshot of what this node must proxy.
+///
+/// Persistent maps: a snapshot is cloned in O(1), a source patches its working copy in
+/// O(log n) per change, and two snapshots that share history are compared in O(changes)
+/// ([`imbl::OrdMap::diff`] skips shared subtrees). That is what keeps one change among 10,000
+/// services cheap from the watch event to the sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Every service port, keyed by name.
-    pub services: BTreeMap<ServicePortName, ServicePort>,
+    pub services: imbl::OrdMap<ServicePortName, Arc<ServicePort>>,
     /// Endpoints of each service port (absent or empty: no endpoints).
-    pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
+    pub endpoints: imbl::OrdMap<ServicePortName, Arc<Vec<Endpoint>>>,
 }
 
 impl DesiredState {
@@ -234,7 +239,7 @@ impl DesiredState {
         let eps = self
             .endpoints
             .get(name)
-            .map(Vec::as_slice)
+            .map(|e| e.as_slice())
             .unwrap_or_default();
         Some(usable_endpoints(
             eps.iter().filter(|e| e.node_name.as_deref() == Some(node)),
@@ -300,7 +305,7 @@ mod tests {
         let mut state = DesiredState::default();
         state.services.insert(
             name.clone(),
-            ServicePort {
+            Arc::new(ServicePort {
                 name: name.clone(),
                 protocol: Protocol::Tcp,
                 cluster_ip: "10.96.0.1".parse().unwrap(),
@@ -312,13 +317,13 @@ mod tests {
                 internal_policy: TrafficPolicy::Local,
                 external_policy: TrafficPolicy::Cluster,
                 health_check_node_port: None,
-            },
+            }),
         );
         let mut a = ep("10.0.0.1:80", true, true, false);
         a.node_name = Some("n1".into());
         let mut b = ep("10.0.0.2:80", true, true, false);
         b.node_name = Some("n2".into());
-        state.endpoints.insert(name.clone(), vec![a, b]);
+        state.endpoints.insert(name.clone(), Arc::new(vec![a, b]));
         assert_eq!(
             state.backends(&name, "n2"),
             vec!["10.0.0.2:80".parse().unwrap()]
@@ -326,7 +331,7 @@ mod tests {
         assert!(state.backends(&name, "n3").is_empty());
         // External traffic follows its own policy: Cluster here, so no separate set.
         assert_eq!(state.external_backends(&name, "n2"), None);
-        let svc = state.services.get_mut(&name).unwrap();
+        let svc = Arc::make_mut(state.services.get_mut(&name).unwrap());
         svc.internal_policy = TrafficPolicy::Cluster;
         svc.external_policy = TrafficPolicy::Local;
         assert_eq!(state.backends(&name, "n2").len(), 2);

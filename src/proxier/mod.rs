@@ -81,7 +81,7 @@ impl Options {
 #[derive(Debug)]
 struct Applied {
     key: ListenKey,
-    spec: ServicePort,
+    spec: Arc<ServicePort>,
     proxy_port: u16,
     handles: Vec<listener::Handle>,
     shared: Arc<Shared>,
@@ -132,9 +132,9 @@ pub struct Status {
     pub rules_error: Option<String>,
     /// Portal writes that failed, ever.
     pub rules_failures: u64,
-    /// Every service port, by name.
-    /// (Shared, so that publishing a new timestamp does not copy every port.)
-    pub ports: Arc<BTreeMap<ServicePortName, PortStatus>>,
+    /// Every service port, by name. (A persistent map: publishing a status does not copy
+    /// every port.)
+    pub ports: imbl::OrdMap<ServicePortName, PortStatus>,
     /// Sync durations.
     pub sync_duration: crate::metrics::Histogram,
     /// Time from a change being queued to the end of the sync that applied it.
@@ -175,6 +175,12 @@ pub struct Proxier {
     counters: Status,
     /// Health-check node ports of `externalTrafficPolicy: Local` load-balancer services.
     health_ports: health_ports::HealthPorts,
+    /// The desired state of the last sync, to find what the next one changes.
+    last: Option<DesiredState>,
+    /// The next sync looks at every service port, not only the changed ones (periodic repair).
+    full_next: bool,
+    /// Status of every service port, kept up to date by syncs.
+    ports: imbl::OrdMap<ServicePortName, PortStatus>,
     /// Proxy ports of a previous run, by portal, re-bound where possible.
     adopt: std::collections::HashMap<(IpAddr, Protocol, u16), u16>,
 }
@@ -278,6 +284,9 @@ impl Proxier {
             status,
             counters: Status::default(),
             adopt: Default::default(),
+            last: None,
+            full_next: false,
+            ports: Default::default(),
         }
     }
 
@@ -331,7 +340,11 @@ impl Proxier {
             })
     }
 
-    fn open(&mut self, spec: &ServicePort, backends: Vec<SocketAddr>) -> Result<Applied, String> {
+    fn open(
+        &mut self,
+        spec: &Arc<ServicePort>,
+        backends: Vec<SocketAddr>,
+    ) -> Result<Applied, String> {
         let node_port_claim = self.claim_node_port(spec)?;
         if spec.protocol == Protocol::Udp && spec.external_policy == TrafficPolicy::Local {
             // A redirected datagram does not carry its original destination, so one UDP socket
@@ -469,19 +482,26 @@ impl Proxier {
     pub fn sync(&mut self, desired: &DesiredState) -> Plan {
         let started = Instant::now();
         let node = NodeAddrs::discover();
-        let want: BTreeMap<ServicePortName, (ListenKey, ServicePort)> = desired
-            .services
+        let full = std::mem::take(&mut self.full_next) || self.last.is_none();
+        let changed = self.changed_since_last(desired, full);
+        let want: BTreeMap<ServicePortName, (ListenKey, Arc<ServicePort>)> = changed
             .iter()
-            .map(|(n, s)| (n.clone(), (listen_key(&self.opts, s), s.clone())))
+            .filter_map(|n| {
+                let s = desired.services.get(n)?;
+                Some((n.clone(), (listen_key(&self.opts, s), s.clone())))
+            })
             .collect();
-        let current: BTreeMap<ServicePortName, (ListenKey, ServicePort)> = self
-            .applied
+        let current: BTreeMap<ServicePortName, (ListenKey, Arc<ServicePort>)> = changed
             .iter()
-            .map(|(n, a)| (n.clone(), (a.key.clone(), a.spec.clone())))
+            .filter_map(|n| {
+                let a = self.applied.get(n)?;
+                Some((n.clone(), (a.key.clone(), a.spec.clone())))
+            })
             .collect();
         let plan = plan::plan(&current, &want);
         let mut retired = Vec::new();
-        self.failures.retain(|n, _| want.contains_key(n));
+        self.failures
+            .retain(|n, _| desired.services.contains_key(n));
 
         for name in plan.open.iter().chain(&plan.replace) {
             let spec = &want[name].1;
@@ -548,7 +568,10 @@ impl Proxier {
         }
 
         let mut flush = Vec::new();
-        for (name, a) in &self.applied {
+        for name in &changed {
+            let Some(a) = self.applied.get(name) else {
+                continue;
+            };
             let backends = desired.backends(name, &self.opts.node_name);
             let external = desired.external_backends(name, &self.opts.node_name);
             let external_changed = apply_external(&a.shared, &a.spec, external);
@@ -564,7 +587,11 @@ impl Proxier {
                     flush.extend(a.spec.portal_addrs());
                 }
             }
-            a.shared.balancer.expire_pins();
+        }
+        if full {
+            for a in self.applied.values() {
+                a.shared.balancer.expire_pins();
+            }
         }
 
         self.sync_health_ports(desired);
@@ -648,34 +675,69 @@ impl Proxier {
                 "sync complete"
             );
         }
-        self.publish(desired);
+        self.publish(desired, &changed);
+        self.last = Some(desired.clone());
         plan
     }
 
-    fn publish(&self, desired: &DesiredState) {
+    /// The service ports whose spec or endpoints may differ between the last sync and
+    /// `desired`, plus those that failed to open (retried every sync). With `full`, all of them.
+    /// Snapshots from one source share structure, so this costs O(changes), not O(services).
+    fn changed_since_last(
+        &self,
+        desired: &DesiredState,
+        full: bool,
+    ) -> std::collections::BTreeSet<ServicePortName> {
+        let mut changed: std::collections::BTreeSet<ServicePortName> =
+            self.failures.keys().cloned().collect();
+        match &self.last {
+            Some(last) if !full => {
+                use imbl::ordmap::DiffItem;
+                fn key<'a, K, V>(d: DiffItem<'a, 'a, K, V>) -> &'a K {
+                    match d {
+                        DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+                        DiffItem::Update { new: (k, _), .. } => k,
+                    }
+                }
+                changed.extend(last.services.diff(&desired.services).map(key).cloned());
+                changed.extend(last.endpoints.diff(&desired.endpoints).map(key).cloned());
+            }
+            _ => {
+                changed.extend(desired.services.keys().cloned());
+                changed.extend(self.applied.keys().cloned());
+            }
+        }
+        changed
+    }
+
+    /// Publishes status, rebuilding the entries of `changed` ports only.
+    fn publish(
+        &mut self,
+        desired: &DesiredState,
+        changed: &std::collections::BTreeSet<ServicePortName>,
+    ) {
+        for name in changed {
+            let Some(spec) = desired.services.get(name) else {
+                self.ports.remove(name);
+                continue;
+            };
+            let a = self.applied.get(name);
+            let ps = PortStatus {
+                name: name.clone(),
+                protocol: spec.protocol,
+                portals: spec.portal_addrs().collect(),
+                node_port: spec.node_port,
+                listen: a
+                    .map(|a| a.handles.iter().map(|h| h.local_addr).collect())
+                    .unwrap_or_default(),
+                endpoints: a.map(|a| a.shared.balancer.endpoints()).unwrap_or_default(),
+                stats: a.map(|a| a.shared.stats.clone()),
+                error: self.failures.get(name).cloned(),
+            };
+            self.ports.insert(name.clone(), ps);
+        }
         let mut st = self.counters.clone();
-        st.ports = Arc::new(
-            desired
-                .services
-                .iter()
-                .map(|(name, spec)| {
-                    let a = self.applied.get(name);
-                    let ps = PortStatus {
-                        name: name.clone(),
-                        protocol: spec.protocol,
-                        portals: spec.portal_addrs().collect(),
-                        node_port: spec.node_port,
-                        listen: a
-                            .map(|a| a.handles.iter().map(|h| h.local_addr).collect())
-                            .unwrap_or_default(),
-                        endpoints: a.map(|a| a.shared.balancer.endpoints()).unwrap_or_default(),
-                        stats: a.map(|a| a.shared.stats.clone()),
-                        error: self.failures.get(name).cloned(),
-                    };
-                    (name.clone(), ps)
-                })
-                .collect(),
-        );
+        st.ports = self.ports.clone();
         self.status.send_replace(Arc::new(st));
     }
 
@@ -723,6 +785,7 @@ impl Proxier {
                     if let Err(e) = self.backend.repair() {
                         warn!(error = %e, "portal repair failed");
                     }
+                    self.full_next = true;
                 }
                 if let Some(state) = &snapshot {
                     self.sync(state);

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::model::{Protocol, ServicePort, ServicePortName};
 
@@ -46,8 +47,8 @@ impl Plan {
 /// Computes the plan. `applied` maps each open port to its listener key and spec; `desired`
 /// maps each wanted port to the key it needs and its spec.
 pub fn plan(
-    applied: &BTreeMap<ServicePortName, (ListenKey, ServicePort)>,
-    desired: &BTreeMap<ServicePortName, (ListenKey, ServicePort)>,
+    applied: &BTreeMap<ServicePortName, (ListenKey, Arc<ServicePort>)>,
+    desired: &BTreeMap<ServicePortName, (ListenKey, Arc<ServicePort>)>,
 ) -> Plan {
     let mut p = Plan::default();
     for (name, (key, spec)) in desired {
@@ -88,7 +89,7 @@ mod tests {
         }
     }
 
-    fn entry(p: ServicePort) -> (ServicePortName, (ListenKey, ServicePort)) {
+    fn entry(p: ServicePort) -> (ServicePortName, (ListenKey, Arc<ServicePort>)) {
         (
             p.name.clone(),
             (
@@ -96,7 +97,7 @@ mod tests {
                     protocol: p.protocol,
                     binds: vec![],
                 },
-                p,
+                Arc::new(p),
             ),
         )
     }

@@ -40,8 +40,12 @@ pub struct FileSource {
 ///
 /// # Errors
 /// The file's objects are invalid.
-pub fn desired_from(file: &ConfigFile, settings: &Settings) -> config::Result<DesiredState> {
-    let (state, skipped) = file.desired_state(settings)?;
+pub fn desired_from(
+    file: &ConfigFile,
+    settings: &Settings,
+    cache: &mut ParseCache,
+) -> config::Result<DesiredState> {
+    let (state, skipped) = file.desired_state_cached(settings, cache)?;
     for s in skipped {
         info!(object = %s.what, reason = %s.reason, "skipped");
     }
@@ -123,7 +127,7 @@ impl FileSource {
         if file.proxy != self.running_config {
             warn!(path = %path.display(), "KubeProxyConfiguration changed: proxy settings take effect on restart; services and endpoints are applied now");
         }
-        match desired_from(&file, &self.settings) {
+        match desired_from(&file, &self.settings, &mut self.cache) {
             Ok(state) => {
                 info!(path = %path.display(), services = state.services.len(), "configuration reloaded");
                 Some(state)

@@ -730,7 +730,7 @@ mod tests {
 
     fn web() -> Portal {
         Portal {
-            service: ServicePort {
+            service: std::sync::Arc::new(ServicePort {
                 name: ServicePortName::new("default", "web", "http"),
                 protocol: Protocol::Tcp,
                 cluster_ip: "10.96.0.10".parse().unwrap(),
@@ -742,7 +742,7 @@ mod tests {
                 internal_policy: TrafficPolicy::Cluster,
                 external_policy: TrafficPolicy::Cluster,
                 health_check_node_port: None,
-            },
+            }),
             proxy_port: 41234,
         }
     }
@@ -868,11 +868,15 @@ COMMIT
         };
         let a = web();
         let mut b = web();
-        b.service.name = ServicePortName::new("default", "api", "");
-        b.service.cluster_ip = "10.96.0.20".parse().unwrap();
-        b.service.node_port = None;
-        b.service.external_ips.clear();
-        b.service.load_balancer_ips.clear();
+        std::sync::Arc::make_mut(&mut b.service).name = ServicePortName::new("default", "api", "");
+        std::sync::Arc::make_mut(&mut b.service).cluster_ip = "10.96.0.20".parse().unwrap();
+        std::sync::Arc::make_mut(&mut b.service).node_port = None;
+        std::sync::Arc::make_mut(&mut b.service)
+            .external_ips
+            .clear();
+        std::sync::Arc::make_mut(&mut b.service)
+            .load_balancer_ips
+            .clear();
         b.proxy_port = 41000;
         let one = render(std::slice::from_ref(&a), &ctx);
         let two = render(&[a.clone(), b.clone()], &ctx);

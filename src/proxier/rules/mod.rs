@@ -49,7 +49,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Portal {
     /// The service port.
-    pub service: ServicePort,
+    pub service: std::sync::Arc<ServicePort>,
     /// The listener's port.
     pub proxy_port: u16,
 }

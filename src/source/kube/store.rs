@@ -7,20 +7,25 @@
 //! a newer API than ours or a bug) is refused with its object and field named, and the last
 //! good version of that object keeps serving, as a bad file reload does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::convert::{self, Error};
-use crate::model::{DesiredState, Endpoint, ServicePort, ServicePortName};
+use crate::model::{DesiredState, Endpoint, ServicePort};
 
 /// `(namespace, name)` of an object.
 pub type Key = (String, String);
 
 /// Endpoints of one service, by port name.
-type ByPort = BTreeMap<String, Vec<Endpoint>>;
+type ByPort = BTreeMap<String, Arc<Vec<Endpoint>>>;
+
+fn shared(m: BTreeMap<String, Vec<Endpoint>>) -> ByPort {
+    m.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
+}
 
 /// What one Service converts to, or why it is left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,17 +37,20 @@ pub enum Converted {
     Skipped(String),
 }
 
-/// Everything the watches have delivered, converted.
+/// Everything the watches have delivered, converted, and the snapshot it adds up to, kept up to
+/// date change by change (O(log n) per change; a snapshot is an O(1) clone).
 #[derive(Debug, Default)]
 pub struct Store {
     ipv6: bool,
-    services: HashMap<Key, Vec<ServicePort>>,
+    services: HashMap<Key, Vec<Arc<ServicePort>>>,
     /// Service → slice name → slice.
     slices: HashMap<Key, BTreeMap<String, EndpointSlice>>,
     /// `(namespace, slice name)` → the service it belongs to.
     slice_owner: HashMap<Key, Key>,
     /// Endpoints by service: merged slices, or converted `v1 Endpoints`.
     endpoints: HashMap<Key, ByPort>,
+    /// The snapshot: every service port with its endpoints.
+    state: DesiredState,
 }
 
 /// Converts a Service for a node of the given IP family: the cluster IP of that family (from
@@ -106,6 +114,49 @@ impl Store {
         self.services.len()
     }
 
+    /// Rewrites the snapshot's entries for one service: `before` are the ports it had.
+    fn refresh(&mut self, key: &Key, before: &[Arc<ServicePort>]) {
+        for p in before {
+            self.state.services.remove(&p.name);
+            self.state.endpoints.remove(&p.name);
+        }
+        let Some(ports) = self.services.get(key) else {
+            return;
+        };
+        let eps = self.endpoints.get(key);
+        for p in ports {
+            self.state.services.insert(p.name.clone(), p.clone());
+            if let Some(list) = eps
+                .and_then(|m| m.get(&p.name.port))
+                .filter(|l| !l.is_empty())
+            {
+                self.state.endpoints.insert(p.name.clone(), list.clone());
+            }
+        }
+    }
+
+    /// The snapshot entries of `key` after its endpoints changed.
+    fn refresh_endpoints(&mut self, key: &Key) {
+        let ports = self.services.get(key).cloned().unwrap_or_default();
+        self.refresh(key, &ports);
+    }
+
+    fn set_ports(&mut self, key: Key, ports: Option<Vec<Arc<ServicePort>>>) {
+        let before = match ports {
+            Some(p) => self.services.insert(key.clone(), p),
+            None => self.services.remove(&key),
+        };
+        self.refresh(&key, &before.unwrap_or_default());
+    }
+
+    fn set_endpoints(&mut self, key: Key, eps: Option<ByPort>) {
+        match eps {
+            Some(e) => self.endpoints.insert(key.clone(), e),
+            None => self.endpoints.remove(&key),
+        };
+        self.refresh_endpoints(&key);
+    }
+
     /// A Service was added or changed. Returns why it is skipped, if it is.
     ///
     /// # Errors
@@ -114,11 +165,11 @@ impl Store {
         let key = key_of(&svc.metadata);
         match convert_service(svc, self.ipv6)? {
             Converted::Ports(ports) => {
-                self.services.insert(key, ports);
+                self.set_ports(key, Some(ports.into_iter().map(Arc::new).collect()));
                 Ok(None)
             }
             Converted::Skipped(why) => {
-                self.services.remove(&key);
+                self.set_ports(key, None);
                 Ok(Some(why))
             }
         }
@@ -126,30 +177,37 @@ impl Store {
 
     /// A Service was deleted.
     pub fn delete_service(&mut self, svc: &Service) {
-        self.services.remove(&key_of(&svc.metadata));
+        self.set_ports(key_of(&svc.metadata), None);
     }
 
     /// A complete list of Services (initial list or relist) replaces what was known. Objects
-    /// that cannot be understood keep their previous version and are returned.
+    /// that cannot be understood keep their previous version and are returned. Services that
+    /// did not change leave the snapshot untouched.
     pub fn replace_services(&mut self, list: &[Service]) -> Vec<Error> {
         let mut errors = Vec::new();
-        let mut next = HashMap::with_capacity(list.len());
+        let mut next: HashMap<Key, Vec<Arc<ServicePort>>> = HashMap::with_capacity(list.len());
         for svc in list {
             let key = key_of(&svc.metadata);
             match convert_service(svc, self.ipv6) {
                 Ok(Converted::Ports(ports)) => {
-                    next.insert(key, ports);
+                    next.insert(key, ports.into_iter().map(Arc::new).collect());
                 }
                 Ok(Converted::Skipped(_)) => {}
                 Err(e) => {
-                    if let Some(old) = self.services.remove(&key) {
-                        next.insert(key, old);
+                    if let Some(old) = self.services.get(&key) {
+                        next.insert(key, old.clone());
                     }
                     errors.push(e);
                 }
             }
         }
-        self.services = next;
+        let keys: HashSet<Key> = self.services.keys().chain(next.keys()).cloned().collect();
+        for key in keys {
+            let new = next.remove(&key);
+            if self.services.get(&key) != new.as_ref() {
+                self.set_ports(key, new);
+            }
+        }
         errors
     }
 
@@ -176,7 +234,7 @@ impl Store {
             }
         }
         self.slices.insert(service.clone(), group);
-        self.endpoints.insert(service, merged);
+        self.set_endpoints(service, Some(shared(merged)));
         Ok(())
     }
 
@@ -187,10 +245,10 @@ impl Store {
         group.remove(slice_name);
         if group.is_empty() {
             self.slices.remove(service);
-            self.endpoints.remove(service);
+            self.set_endpoints(service.clone(), None);
         } else if let Ok(merged) = convert::merge_slices(group.values()) {
             // The remaining slices were each accepted before, so they merge.
-            self.endpoints.insert(service.clone(), merged);
+            self.set_endpoints(service.clone(), Some(shared(merged)));
         }
     }
 
@@ -199,6 +257,17 @@ impl Store {
         let (ns, slice_name) = key_of(&slice.metadata);
         if let Some(owner) = self.slice_owner.remove(&(ns, slice_name.clone())) {
             self.forget_slice(&owner, &slice_name);
+        }
+    }
+
+    /// Replaces the endpoints of every service with `next`, touching only those that changed.
+    fn replace_all_endpoints(&mut self, mut next: HashMap<Key, ByPort>) {
+        let keys: HashSet<Key> = self.endpoints.keys().chain(next.keys()).cloned().collect();
+        for key in keys {
+            let new = next.remove(&key);
+            if self.endpoints.get(&key) != new.as_ref() {
+                self.set_endpoints(key, new);
+            }
         }
     }
 
@@ -223,11 +292,11 @@ impl Store {
         for (service, group) in &groups {
             match convert::merge_slices(group.values()) {
                 Ok(m) => {
-                    endpoints.insert(service.clone(), m);
+                    endpoints.insert(service.clone(), shared(m));
                 }
                 Err(e) => {
-                    if let Some(old) = self.endpoints.remove(service) {
-                        endpoints.insert(service.clone(), old);
+                    if let Some(old) = self.endpoints.get(service) {
+                        endpoints.insert(service.clone(), old.clone());
                     }
                     errors.push(e);
                 }
@@ -235,7 +304,7 @@ impl Store {
         }
         self.slices = groups;
         self.slice_owner = owners;
-        self.endpoints = endpoints;
+        self.replace_all_endpoints(endpoints);
         errors
     }
 
@@ -245,13 +314,13 @@ impl Store {
     /// The object cannot be understood; the service keeps its previous endpoints.
     pub fn apply_endpoints(&mut self, ep: &Endpoints) -> Result<(), Error> {
         let by_port = convert::endpoints_by_port(ep)?;
-        self.endpoints.insert(key_of(&ep.metadata), by_port);
+        self.set_endpoints(key_of(&ep.metadata), Some(shared(by_port)));
         Ok(())
     }
 
     /// A `v1 Endpoints` object was deleted.
     pub fn delete_endpoints(&mut self, ep: &Endpoints) {
-        self.endpoints.remove(&key_of(&ep.metadata));
+        self.set_endpoints(key_of(&ep.metadata), None);
     }
 
     /// A complete list of `v1 Endpoints` replaces what was known.
@@ -262,43 +331,31 @@ impl Store {
             let key = key_of(&ep.metadata);
             match convert::endpoints_by_port(ep) {
                 Ok(m) => {
-                    next.insert(key, m);
+                    next.insert(key, shared(m));
                 }
                 Err(e) => {
-                    if let Some(old) = self.endpoints.remove(&key) {
-                        next.insert(key, old);
+                    if let Some(old) = self.endpoints.get(&key) {
+                        next.insert(key, old.clone());
                     }
                     errors.push(e);
                 }
             }
         }
-        self.endpoints = next;
+        self.replace_all_endpoints(next);
         errors
     }
 
     /// The desired state everything known adds up to: every service port, with the endpoints
-    /// whose port name matches.
+    /// whose port name matches. O(1): the persistent maps are shared, not copied.
     pub fn snapshot(&self) -> DesiredState {
-        let mut state = DesiredState::default();
-        for (key, ports) in &self.services {
-            let eps = self.endpoints.get(key);
-            for port in ports {
-                let name: ServicePortName = port.name.clone();
-                if let Some(list) = eps.and_then(|m| m.get(&name.port)) {
-                    if !list.is_empty() {
-                        state.endpoints.insert(name.clone(), list.clone());
-                    }
-                }
-                state.services.insert(name, port.clone());
-            }
-        }
-        state
+        self.state.clone()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ServicePortName;
 
     fn svc(yaml: &str) -> Service {
         serde_yaml::from_str(yaml).unwrap()
@@ -322,10 +379,16 @@ mod tests {
 
     fn addrs(state: &DesiredState) -> Vec<String> {
         let name = ServicePortName::new("ns", "web", "http");
-        crate::model::usable_endpoints(state.endpoints.get(&name).into_iter().flatten())
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
+        crate::model::usable_endpoints(
+            state
+                .endpoints
+                .get(&name)
+                .into_iter()
+                .flat_map(|e| e.iter()),
+        )
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
     }
 
     #[test]
