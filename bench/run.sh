@@ -33,10 +33,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== building (release)"
-cargo build --release --quiet --bin userspace-proxy --example loadgen --example benchreport
+cargo build --release --quiet --bin userspace-proxy --example loadgen --example benchreport --example fakeapi
 BIN=$PWD/target/release/userspace-proxy
 LG=$PWD/target/release/examples/loadgen
 REPORT=$PWD/target/release/examples/benchreport
+FAKEAPI=$PWD/target/release/examples/fakeapi
 OUT=$PWD/bench/results
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -278,6 +279,45 @@ EOF
   kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   inns "$CP" "$BIN" --config "$WORK/cp.yaml" --cleanup 2>/dev/null || true
   echo "   $n services: $(grep -c . "$RAW") rows so far"
+done
+
+echo "== control plane: the same through the Kubernetes API source"
+# A stand-in API server speaking the real list/watch protocol (examples/fakeapi.rs), on the
+# proxy namespace's loopback, preloaded with N services and their EndpointSlices. The proxy
+# lists, watches, and programs the same listeners and iptables rules as from the file.
+for n in $CP_SIZES; do
+  mkfifo "$WORK/api.in"
+  inns "$CP" "$FAKEAPI" --services "$n" --backend 10.10.2.2:9000 --secs 300 <"$WORK/api.in" >"$WORK/api.out" &
+  api_pid=$!
+  exec 7>"$WORK/api.in"
+  for _ in $(seq 1 600); do [ -s "$WORK/api.out" ] && break; sleep 0.05; done
+  url=$(head -1 "$WORK/api.out")
+  printf 'apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: userspace\nhealthzBindAddress: ""\nmetricsBindAddress: ""\nhostnameOverride: bench-cp\n' >"$WORK/cp-api.yaml"
+  last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
+  t0=$(date +%s.%N)
+  inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN --config $WORK/cp-api.yaml --master $url" 2>"$OUT/cp-api-$n.log" &
+  for _ in $(seq 1 1200); do
+    if inns "$CP" "$LG" rr --target "$last" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
+    sleep 0.05
+  done
+  t1=$(date +%s.%N)
+  rec userspace-proxy "program_api_${n}_s" "$(echo "$t1 - $t0" | bc)" 1
+  pid=""
+  for p in $(ip netns pids "$CP"); do
+    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = userspace-proxy ]; then pid=$p; break; fi
+  done
+  [ -n "$pid" ] || { echo "proxy with $n API services died; see $OUT/cp-api-$n.log" >&2; exit 1; }
+  coproc PROBE { inns "$CP" "$LG" probe --target 10.100.0.1:9000 --within-ms 10000; }
+  read -r _started <&"${PROBE[0]}"
+  echo add >&7
+  read -r result <&"${PROBE[0]}"
+  wait "$PROBE_PID" 2>/dev/null || true
+  rec userspace-proxy "add_one_api_at_${n}_ms" "$(json "$result" ms)" 1
+  kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  exec 7>&-
+  wait "$api_pid" 2>/dev/null || true
+  rm -f "$WORK/api.in" "$WORK/api.out"
+  inns "$CP" "$BIN" --config "$WORK/cp-api.yaml" --cleanup 2>/dev/null || true
 done
 
 "$REPORT" "$RAW" "$OUT"

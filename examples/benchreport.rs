@@ -166,13 +166,29 @@ fn main() {
         json_rows.push(format!("\"{metric}\":{{{}}}", row.join(",")));
     }
     if !extra.is_empty() {
-        md.push_str("\n## Control plane (userspace-proxy, from the file)\n\n| measure | value |\n|---|---|\n");
+        md.push_str("\n## Control plane (userspace-proxy)\n\n| measure | value |\n|---|---|\n");
         for (k, v) in &extra {
             let label = if let Some(n) = k
+                .strip_prefix("program_api_")
+                .and_then(|s| s.strip_suffix("_s"))
+            {
+                format!(
+                    "time to program {n} service ports from the API (start → last one answers), s"
+                )
+            } else if let Some(n) = k
+                .strip_prefix("add_one_api_at_")
+                .and_then(|s| s.strip_suffix("_ms"))
+            {
+                format!(
+                    "one more service answering, with {n} present (API create → first answer), ms"
+                )
+            } else if let Some(n) = k
                 .strip_prefix("program_")
                 .and_then(|s| s.strip_suffix("_s"))
             {
-                format!("time to program {n} service ports (start → last one answers), s")
+                format!(
+                    "time to program {n} service ports from the file (start → last one answers), s"
+                )
             } else if let Some(n) = k.strip_prefix("rss_").and_then(|s| s.strip_suffix("_mib")) {
                 format!("RSS with {n} service ports, MiB")
             } else if let Some(n) = k

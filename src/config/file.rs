@@ -483,8 +483,12 @@ mod tests {
 
     #[test]
     fn a_cached_reload_gives_what_a_fresh_parse_gives() {
-        let svc = |n: &str, ip: &str| format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{{ip}ports: [{{name: p, port: 80}}]}}\n");
-        let eps = |n: &str, addr: &str| format!("---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {n}}}\nsubsets: [{{addresses: [{{ip: {addr}}}], ports: [{{name: p, port: 8080}}]}}]\n");
+        let svc = |n: &str, ip: &str| {
+            format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{{ip}ports: [{{name: p, port: 80}}]}}\n")
+        };
+        let eps = |n: &str, addr: &str| {
+            format!("---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {n}}}\nsubsets: [{{addresses: [{{ip: {addr}}}], ports: [{{name: p, port: 8080}}]}}]\n")
+        };
         let first = format!(
             "{HEAD}{}{}{}{}",
             svc("a", "clusterIP: 10.96.0.5, "),
