@@ -208,6 +208,10 @@ for rep in $(seq 1 "$REPS"); do
       rec "$name" udp_rr_p50_us "$(json "$r" p50_us)" "$rep"; rec "$name" udp_rr_p99_us "$(json "$r" p99_us)" "$rep"
       r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100)
       rec "$name" udp_flood_pps "$(json "$r" delivered_pps)" "$rep"; rec "$name" udp_flood_loss "$(json "$r" loss)" "$rep"
+      # Loss at the same offered load for everyone: a flat-out flood gives the client more CPU
+      # (and so more packets to lose) the less CPU the proxy takes.
+      r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100 --pps 100000)
+      rec "$name" udp_paced_loss "$(json "$r" loss)" "$rep"
     fi
   done
 done

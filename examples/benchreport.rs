@@ -22,6 +22,11 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("udp_rr_p99_us", "UDP req/resp p99 (µs)", false),
     ("udp_flood_pps", "UDP flood delivered (pkt/s)", true),
     ("udp_flood_loss", "UDP flood loss (fraction)", false),
+    (
+        "udp_paced_loss",
+        "UDP loss at 100,000 pkt/s offered (fraction)",
+        false,
+    ),
     ("idle_kib_per_conn", "RSS per idle connection (KiB)", false),
 ];
 

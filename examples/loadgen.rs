@@ -7,7 +7,8 @@
 //! loadgen rr     --target ADDR --count N --size B [--connect-ms T]   TCP request/response on one connection
 //! loadgen crr    --target ADDR --secs N --conc C    connect + 100-byte exchange + close
 //! loadgen udp-rr --target ADDR --count N --size B   UDP request/response
-//! loadgen udp-flood --target ADDR --secs N          UDP echo flood: delivered packets/s, loss
+//! loadgen udp-flood --target ADDR --secs N [--pps R] UDP echo flood: delivered packets/s, loss
+//!                                                   (--pps paces the offered load; 0: flat out)
 //! loadgen hold   --target ADDR --conns N --secs N   open N connections, print READY, hold them
 //! loadgen probe  --target ADDR --within-ms N        retry a TCP exchange every few ms until it
 //!                                                   works; print the ms from start to success
@@ -205,6 +206,7 @@ fn udp_rr(target: SocketAddr, m: &HashMap<String, String>) {
 fn udp_flood(target: SocketAddr, m: &HashMap<String, String>) {
     let secs = get(m, "secs", 3u64).min(60);
     let size = get(m, "size", 100usize);
+    let pps = get(m, "pps", 0u64);
     let s = UdpSocket::bind("0.0.0.0:0").unwrap();
     s.connect(target).unwrap();
     let r = s.try_clone().unwrap();
@@ -225,10 +227,20 @@ fn udp_flood(target: SocketAddr, m: &HashMap<String, String>) {
     let mut sent = 0u64;
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
+    let mut offered = 0u64;
     while Instant::now() < end {
-        for _ in 0..64 {
+        for _ in 0..16 {
+            offered += 1;
             if s.send(&msg).is_ok() {
                 sent += 1;
+            }
+        }
+        if pps > 0 {
+            // Paced: wait until the schedule catches up with what was offered.
+            let due = start + Duration::from_secs_f64(offered as f64 / pps as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
             }
         }
     }
