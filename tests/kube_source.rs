@@ -428,6 +428,41 @@ async fn endpoints_fallback_on_a_cluster_without_endpoint_slices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_are_not_held_back_by_min_sync_period() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let b = tcp_backend("b", cancel.clone()).await;
+    let api = FakeApi::start(true).await;
+    web_service(&api);
+    one_slice(&api, "web-0", "web", a, true, false, "test-node");
+    // minSyncPeriod 20 s: after the burst of 2, a paced sync would wait that long.
+    let text = header("").replace("minSyncPeriod: 0s", "minSyncPeriod: 20s");
+    let proxy = Proxy::start_with(
+        &text,
+        Overrides {
+            master: Some(api.url()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let web = proxy.wait_port("web", "http").await;
+    for (round, (backend, id)) in [(b, "b"), (a, "a"), (b, "b"), (a, "a")]
+        .into_iter()
+        .enumerate()
+    {
+        one_slice(&api, "web-0", "web", backend, true, false, "test-node");
+        eventually(
+            Duration::from_secs(5),
+            &format!("endpoint change {round} applied at once"),
+            || async move { ids(web, 2).await == set(&[id]) },
+        )
+        .await;
+    }
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_source_can_be_forced() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;

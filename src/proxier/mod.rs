@@ -710,6 +710,16 @@ impl Proxier {
         changed
     }
 
+    /// True when `desired` differs from the last synced state in endpoints only (no service
+    /// port added, removed or changed, and none waiting to be retried).
+    fn only_endpoints_differ(&self, desired: &DesiredState) -> bool {
+        self.failures.is_empty()
+            && self
+                .last
+                .as_ref()
+                .is_some_and(|last| last.services.diff(&desired.services).next().is_none())
+    }
+
     /// Publishes status, rebuilding the entries of `changed` ports only.
     fn publish(
         &mut self,
@@ -767,16 +777,25 @@ impl Proxier {
                 }
                 _ = tokio::time::sleep_until(periodic) => repair = true,
             }
-            let now = Instant::now();
-            let at = pacer.next_allowed(now);
-            if at > now {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+            // Endpoint changes go straight to the balancers, unpaced, as the original's endpoint
+            // handler did: they write no rules, so there is nothing for minSyncPeriod to bound.
+            let endpoints_only = !repair
+                && desired
+                    .borrow()
+                    .as_deref()
+                    .is_some_and(|new| self.only_endpoints_differ(new));
+            if !endpoints_only {
+                let now = Instant::now();
+                let at = pacer.next_allowed(now);
+                if at > now {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                    }
                 }
+                pacer.take(Instant::now());
+                last_sync = Instant::now();
             }
-            pacer.take(Instant::now());
-            last_sync = Instant::now();
             let snapshot = desired.borrow_and_update().clone();
             // Repair and sync run helper programs (iptables may wait up to 5 s for the xtables
             // lock): let the runtime move other tasks off this worker meanwhile.
