@@ -272,6 +272,9 @@ EOF
   # file is otherwise polled every 500 ms) to its first answer.
   m=$((n + 1))
   gen "$m" > "$WORK/cp.next"
+  # The last port answers as soon as its rule is written; the sync that wrote it then publishes
+  # status for every port. Let it finish: the measure is one more service in steady state.
+  sleep 1
   new="10.96.$((m / 250 + 1)).$((m % 250 + 1)):9000"
   coproc PROBE { inns "$CP" "$LG" probe --target "$new" --within-ms 10000; }
   read -r _started <&"${PROBE[0]}"
@@ -311,6 +314,7 @@ for n in $CP_SIZES; do
     if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = userspace-proxy ]; then pid=$p; break; fi
   done
   [ -n "$pid" ] || { echo "proxy with $n API services died; see $OUT/cp-api-$n.log" >&2; exit 1; }
+  sleep 1   # steady state, as above
   coproc PROBE { inns "$CP" "$LG" probe --target 10.100.0.1:9000 --within-ms 10000; }
   read -r _started <&"${PROBE[0]}"
   echo add >&7
