@@ -240,6 +240,29 @@ ip link add upbp0 netns "$CP" type veth peer name upbp1 netns "$SV"
 ip -n "$CP" addr add 10.10.3.1/24 dev upbp0; ip -n "$CP" link set upbp0 up
 ip -n "$SV" addr add 10.10.3.2/24 dev upbp1; ip -n "$SV" link set upbp1 up
 ip -n "$CP" route add default via 10.10.3.2
+# Starts the proxy in the control-plane namespace with the given arguments (its log to $2),
+# waits until the service at $1 answers, and prints how many seconds that took.
+start_and_time() {
+  local last=$1 log=$2 t0 t1
+  shift 2
+  t0=$(date +%s.%N)
+  inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN $*" >/dev/null 2>"$log" &
+  for _ in $(seq 1 1200); do
+    if inns "$CP" "$LG" rr --target "$last" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
+    sleep 0.05
+  done
+  t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc
+}
+
+# The proxy's pid in the control-plane namespace (empty if it died).
+proxy_pid() {
+  local p
+  for p in $(ip netns pids "$CP"); do
+    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = userspace-proxy ]; then echo "$p"; return; fi
+  done
+}
+
 for n in $CP_SIZES; do
   gen() {  # $1 = number of services; each one TCP port, one endpoint (the server's echo)
     cat <<EOF
@@ -257,15 +280,8 @@ EOF
   }
   gen "$n" > "$WORK/cp.yaml"
   last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
-  t0=$(date +%s.%N)
-  inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN --config $WORK/cp.yaml" 2>"$OUT/cp-$n.log" &
-  for _ in $(seq 1 1200); do
-    if inns "$CP" "$LG" rr --target "$last" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
-    sleep 0.05
-  done
-  t1=$(date +%s.%N)
-  rec userspace-proxy "program_${n}_s" "$(echo "$t1 - $t0" | bc)" 1
-  pid=$(ip netns pids "$CP" | head -1)
+  rec userspace-proxy "program_${n}_s" "$(start_and_time "$last" "$OUT/cp-$n.log" --config "$WORK/cp.yaml")" 1
+  pid=$(proxy_pid)
   [ -n "$pid" ] || { echo "proxy with $n services died; see $OUT/cp-$n.log" >&2; exit 1; }
   rec userspace-proxy "rss_${n}_mib" "$(echo "scale=1; $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024" | bc)" 1
   # One more service: time from the file write (plus SIGHUP, the immediate-reload path; the
@@ -301,18 +317,8 @@ for n in $CP_SIZES; do
   url=$(head -1 "$WORK/api.out")
   printf 'apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: userspace\nhealthzBindAddress: ""\nmetricsBindAddress: ""\nhostnameOverride: bench-cp\n' >"$WORK/cp-api.yaml"
   last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
-  t0=$(date +%s.%N)
-  inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN --config $WORK/cp-api.yaml --master $url" 2>"$OUT/cp-api-$n.log" &
-  for _ in $(seq 1 1200); do
-    if inns "$CP" "$LG" rr --target "$last" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
-    sleep 0.05
-  done
-  t1=$(date +%s.%N)
-  rec userspace-proxy "program_api_${n}_s" "$(echo "$t1 - $t0" | bc)" 1
-  pid=""
-  for p in $(ip netns pids "$CP"); do
-    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = userspace-proxy ]; then pid=$p; break; fi
-  done
+  rec userspace-proxy "program_api_${n}_s" "$(start_and_time "$last" "$OUT/cp-api-$n.log" --config "$WORK/cp-api.yaml" --master "$url")" 1
+  pid=$(proxy_pid)
   [ -n "$pid" ] || { echo "proxy with $n API services died; see $OUT/cp-api-$n.log" >&2; exit 1; }
   sleep 1   # steady state, as above
   coproc PROBE { inns "$CP" "$LG" probe --target 10.100.0.1:9000 --within-ms 10000; }
