@@ -71,13 +71,6 @@ impl HealthPorts {
         }
     }
 
-    /// Ports currently served.
-    pub fn ports(&self) -> Vec<u16> {
-        let mut p: Vec<u16> = self.servers.keys().copied().collect();
-        p.sort_unstable();
-        p
-    }
-
     /// Opens, updates and closes servers to match `wanted`. A port that cannot be bound is
     /// logged and tried again on the next sync.
     pub fn sync(&mut self, wanted: &BTreeMap<u16, Wanted>) {

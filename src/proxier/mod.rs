@@ -473,11 +473,6 @@ impl Proxier {
         self.health_ports.sync(&wanted);
     }
 
-    /// Health-check node ports being served.
-    pub fn health_check_ports(&self) -> Vec<u16> {
-        self.health_ports.ports()
-    }
-
     /// Applies one desired state now (no pacing). Returns the plan that was carried out.
     pub fn sync(&mut self, desired: &DesiredState) -> Plan {
         let started = Instant::now();

@@ -109,11 +109,6 @@ impl Store {
         }
     }
 
-    /// Number of services known (proxied ones only).
-    pub fn service_count(&self) -> usize {
-        self.services.len()
-    }
-
     /// Rewrites the snapshot's entries for one service: `before` are the ports it had.
     fn refresh(&mut self, key: &Key, before: &[Arc<ServicePort>]) {
         for p in before {
