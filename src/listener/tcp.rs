@@ -136,10 +136,15 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: C
             return;
         }
     }
-    // In bind mode there is no NAT: the local address is the portal.
-    let dst = dst.or_else(|| client.local_addr().ok());
-    let balancer = match (&external, dst) {
-        (Some(x), Some(d)) if x.is_external(d) => &x.balancer,
+    let balancer = match &external {
+        // In bind mode there is no NAT: the local address is the portal.
+        Some(x)
+            if dst
+                .or_else(|| client.local_addr().ok())
+                .is_some_and(|d| x.is_external(d)) =>
+        {
+            &x.balancer
+        }
         _ => &shared.balancer,
     };
     let Some((backend, endpoint)) = dial(&shared, balancer, peer).await else {
