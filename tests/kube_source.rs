@@ -52,6 +52,16 @@ fn web_service(api: &FakeApi) {
     );
 }
 
+/// A `v1 Endpoints` object for `default/web` (port `http`) with one loopback backend on this node.
+fn web_endpoints(api: &FakeApi, backend: SocketAddr) {
+    api.apply(
+        Kind::Endpoints,
+        json!({"metadata": {"name": "web", "namespace": "default"},
+               "subsets": [{"addresses": [{"ip": backend.ip().to_string(), "nodeName": "test-node"}],
+                            "ports": [{"name": "http", "port": backend.port(), "protocol": "TCP"}]}]}),
+    );
+}
+
 /// A slice `name` of `service` (port `http`) with one loopback backend and its conditions.
 fn one_slice(
     api: &FakeApi,
@@ -400,12 +410,7 @@ async fn endpoints_fallback_on_a_cluster_without_endpoint_slices() {
     let a = tcp_backend("a", cancel.clone()).await;
     let api = FakeApi::start(false).await;
     web_service(&api);
-    api.apply(
-        Kind::Endpoints,
-        json!({"metadata": {"name": "web", "namespace": "default"},
-               "subsets": [{"addresses": [{"ip": "127.0.0.1", "nodeName": "test-node"}],
-                            "ports": [{"name": "http", "port": a.port(), "protocol": "TCP"}]}]}),
-    );
+    web_endpoints(&api, a);
     let proxy = start_proxy(&api, "").await;
     let web = proxy.wait_port("web", "http").await;
     assert_eq!(ids(web, 3).await, set(&["a"]));
@@ -468,12 +473,7 @@ async fn endpoint_source_can_be_forced() {
     let a = tcp_backend("a", cancel.clone()).await;
     let api = FakeApi::start(true).await;
     web_service(&api);
-    api.apply(
-        Kind::Endpoints,
-        json!({"metadata": {"name": "web", "namespace": "default"},
-               "subsets": [{"addresses": [{"ip": "127.0.0.1"}],
-                            "ports": [{"name": "http", "port": a.port(), "protocol": "TCP"}]}]}),
-    );
+    web_endpoints(&api, a);
     let proxy = start_proxy(&api, "endpointSource: Endpoints\n").await;
     let web = proxy.wait_port("web", "http").await;
     eventually(WAIT, "web served from v1 Endpoints", || async move {
