@@ -6,7 +6,6 @@
 //! fully checked before anything running is touched.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
+use super::patch;
 use super::{Error, KubeProxyConfiguration, Result, Settings, API_VERSION, KIND};
 use crate::model::{self, cluster_ip, convert, DesiredState, ServicePortName};
 
@@ -68,7 +68,7 @@ fn typed<T: for<'de> Deserialize<'de>>(
 
 /// One parsed document, kept between reloads.
 #[derive(Clone, Debug)]
-enum Doc {
+pub(super) enum Doc {
     Empty,
     Config(Box<KubeProxyConfiguration>),
     Service(Arc<Service>),
@@ -82,12 +82,34 @@ enum Doc {
 pub struct ParseCache {
     docs: HashMap<u64, (Doc, String)>,
     convert: ConvertCache,
+    /// The hash of each document of the last parse, in order.
+    order: Vec<u64>,
+    /// The last accepted file by document, for reloads that patch it (see [`patch`]).
+    index: Option<patch::Index>,
+}
+
+impl ParseCache {
+    /// The state of `text` by patching the last accepted one, when only a few documents
+    /// changed and the patch is sure to equal a full rebuild; `None` otherwise (the caller
+    /// then parses `text` in full, which reports any error). `settings` are those the last
+    /// state was built with.
+    pub fn patch(
+        &mut self,
+        origin: &str,
+        text: &str,
+        settings: &Settings,
+    ) -> Option<(DesiredState, Vec<Skipped>)> {
+        let mut index = self.index.take()?;
+        let out = index.patch(origin, text, settings, &mut self.docs)?;
+        self.index = Some(index);
+        Some(out)
+    }
 }
 
 /// Splits YAML text at document markers. A line that is `---` (or starts with `--- `) always
 /// starts a new document in YAML, even inside a block scalar, so this split is exact. Text
 /// before the first marker is a document only if it has content.
-fn split_documents(text: &str) -> Vec<&str> {
+pub(super) fn split_documents(text: &str) -> Vec<&str> {
     let mut docs = Vec::new();
     let (mut start, mut pos) = (0, 0);
     for line in text.split_inclusive('\n') {
@@ -110,7 +132,7 @@ fn split_documents(text: &str) -> Vec<&str> {
 }
 
 /// Parses one document into its typed object, with the label duplicates are reported by.
-fn parse_document(origin: &str, document: usize, text: &str) -> Result<(Doc, String)> {
+pub(super) fn parse_document(origin: &str, document: usize, text: &str) -> Result<(Doc, String)> {
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::Document {
         origin: origin.into(),
         document,
@@ -192,13 +214,12 @@ impl ConfigFile {
         };
         let mut seen: HashMap<String, usize> = HashMap::new();
         let mut next = HashMap::new();
+        cache.index = None;
+        cache.order.clear();
         for (i, segment) in split_documents(text).into_iter().enumerate() {
             let document = i + 1;
-            let key = {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                segment.hash(&mut h);
-                h.finish()
-            };
+            let key = patch::doc_hash(segment);
+            cache.order.push(key);
             let (doc, label) = match cache.docs.remove(&key) {
                 Some(hit) => hit,
                 None => parse_document(origin, document, segment)?,
@@ -262,9 +283,9 @@ impl ConfigFile {
     pub fn desired_state_cached(
         &self,
         settings: &Settings,
-        cache: &mut ParseCache,
+        parse_cache: &mut ParseCache,
     ) -> Result<(DesiredState, Vec<Skipped>)> {
-        let cache = &mut cache.convert;
+        let cache = &mut parse_cache.convert;
         let mut next = ConvertCache::default();
         let field_err = |document: usize, e: convert::Error| Error::Field {
             origin: self.origin.clone(),
@@ -433,8 +454,43 @@ impl ConfigFile {
             }
         }
         *cache = next;
+        parse_cache.index = index_of(parse_cache, &state);
         Ok((state, skipped))
     }
+}
+
+/// Indexes the file the cache last parsed and converted into `state`, by document, for
+/// reloads that patch it. `None` when the cache did not parse it (no document order).
+fn index_of(cache: &ParseCache, state: &DesiredState) -> Option<patch::Index> {
+    let mut entries = HashMap::with_capacity(cache.order.len());
+    for (i, hash) in cache.order.iter().enumerate() {
+        let (doc, label) = cache.docs.get(hash)?;
+        let entry = match doc {
+            Doc::Empty if i > 0 => continue, // not indexed; see `Index::patch`
+            Doc::Empty | Doc::Config(_) => patch::Entry::Inert,
+            Doc::Service(svc) => {
+                let converted = cache.convert.services.get(&(Arc::as_ptr(svc) as usize));
+                patch::Entry::Service {
+                    label: label.clone(),
+                    key: convert::namespaced_name(&svc.metadata),
+                    ports: converted.map(|c| c.2.clone()),
+                    allocated: converted.is_some()
+                        && !matches!(convert::explicit_cluster_ip(svc), Ok(Some(_))),
+                }
+            }
+            Doc::Endpoints(ep) => patch::Entry::Endpoints {
+                label: label.clone(),
+                object: ep.clone(),
+            },
+            Doc::Slice(slice) => patch::Entry::Slice {
+                label: label.clone(),
+                service: convert::slice_service(slice)?,
+                object: slice.clone(),
+            },
+        };
+        entries.insert(*hash, entry);
+    }
+    patch::Index::build(&cache.order, entries, state)
 }
 
 type EndpointList = Arc<Vec<model::Endpoint>>;

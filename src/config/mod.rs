@@ -9,6 +9,7 @@
 
 pub mod duration;
 pub mod file;
+mod patch;
 pub mod port_range;
 
 use std::collections::BTreeMap;

@@ -46,10 +46,14 @@ pub fn desired_from(
     cache: &mut ParseCache,
 ) -> config::Result<DesiredState> {
     let (state, skipped) = file.desired_state_cached(settings, cache)?;
+    log_skipped(skipped);
+    Ok(state)
+}
+
+fn log_skipped(skipped: Vec<crate::config::file::Skipped>) {
     for s in skipped {
         info!(object = %s.what, reason = %s.reason, "skipped");
     }
-    Ok(state)
 }
 
 impl FileSource {
@@ -111,12 +115,17 @@ impl FileSource {
             return None;
         }
         self.last_text = Some(text.clone());
-        let parsed = ConfigFile::parse_cached(&path.display().to_string(), &text, &mut self.cache)
-            .and_then(|mut f| {
-                f.proxy.apply(&self.overrides)?;
-                f.settings()?;
-                Ok(f)
-            });
+        let origin = path.display().to_string();
+        if let Some((state, skipped)) = self.cache.patch(&origin, &text, &self.settings) {
+            log_skipped(skipped);
+            info!(path = %origin, services = state.services.len(), "configuration reloaded (changed documents only)");
+            return Some(state);
+        }
+        let parsed = ConfigFile::parse_cached(&origin, &text, &mut self.cache).and_then(|mut f| {
+            f.proxy.apply(&self.overrides)?;
+            f.settings()?;
+            Ok(f)
+        });
         let file = match parsed {
             Ok(f) => f,
             Err(e) => {
