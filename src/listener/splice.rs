@@ -1,5 +1,11 @@
-//! Zero-copy TCP relay with `splice(2)`: socket → pipe → socket, the bytes never enter
-//! userspace.
+//! TCP relay: small messages through a per-thread buffer, bulk data with `splice(2)`
+//! (socket → pipe → socket, the bytes never enter userspace).
+//!
+//! Each direction starts by copying: a read and a write, the cheapest way to move a
+//! request-sized message (splice costs a third call and pipe bookkeeping per message). The
+//! first read that fills the buffer marks the direction as bulk, and it splices from then on,
+//! as HAProxy's `splice-auto` does. The buffer belongs to the worker thread, not the
+//! connection: it is used between a read and the write that follows, with no await between.
 //!
 //! Pipes come from a process-wide pool and are held only while data is moving: a direction
 //! takes a pipe when its source is readable, and gives it back (empty) as soon as the source
@@ -12,6 +18,7 @@
 //! down the write side of its destination (half-close propagates); an error in either direction
 //! ends both.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Mutex, OnceLock};
@@ -25,6 +32,12 @@ use tokio::net::TcpStream;
 const CHUNK: usize = 1 << 18;
 /// Empty pipes kept for reuse.
 const MAX_IDLE_PIPES: usize = 256;
+/// Size of the copy buffer; a read that fills it switches the direction to splice.
+const COPY_BUF: usize = 16 * 1024;
+
+thread_local! {
+    static COPY: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_BUF].into_boxed_slice());
+}
 
 #[derive(Debug)]
 struct Pipe {
@@ -72,7 +85,18 @@ fn flags() -> SpliceFFlags {
 async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pipe: Option<Pipe> = None;
+    let mut bulk = false;
     loop {
+        if !bulk {
+            match copy_chunk(src, dst).await? {
+                0 => break,
+                n => {
+                    total += n as u64;
+                    bulk = n == COPY_BUF;
+                    continue;
+                }
+            }
+        }
         let p = match pipe.take() {
             Some(p) => p,
             None => {
@@ -129,26 +153,43 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     Ok(total)
 }
 
-/// Fallback when no pipe can be had: one chunk through a userspace buffer. Returns 0 at EOF.
+/// One chunk through the thread's copy buffer (also the fallback when no pipe can be had).
+/// Returns the bytes moved, 0 at EOF. What the destination does not take at once (its send
+/// buffer is full) is kept in a buffer of this call until it does.
 async fn copy_chunk(src: &TcpStream, dst: &TcpStream) -> io::Result<usize> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let n = loop {
-        match src.try_read(&mut buf) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => src.readable().await?,
-            Err(e) => return Err(e),
+    loop {
+        let step = COPY.with(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
+            let mut buf = buf.borrow_mut();
+            let n = match src.try_read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(Some((0, Vec::new())));
+            }
+            let written = match dst.try_write(&buf[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            Ok(Some((n, buf[written..n].to_vec())))
+        })?;
+        let Some((n, rest)) = step else {
+            src.readable().await?;
+            continue;
+        };
+        let mut off = 0;
+        while off < rest.len() {
+            dst.writable().await?;
+            match dst.try_write(&rest[off..]) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
-    };
-    let mut off = 0;
-    while off < n {
-        dst.writable().await?;
-        match dst.try_write(&buf[off..n]) {
-            Ok(w) => off += w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
+        return Ok(n);
     }
-    Ok(n)
 }
 
 /// Relays both directions until both have ended; returns bytes (client→backend,
