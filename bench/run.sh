@@ -268,7 +268,11 @@ proxy_pid() {
   done
 }
 
+# The file source is timed with each NAT portal backend: iptables (the default, kube-proxy's
+# chains) and nftables (portals as map elements); rows of the latter carry "_nft".
 for n in $CP_SIZES; do
+for portal in iptables nftables; do
+  sfx=$([ "$portal" = nftables ] && echo _nft || true)
   gen() {  # $1 = number of services; each one TCP port, one endpoint (the server's echo)
     cat <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -278,6 +282,7 @@ healthzBindAddress: ""
 metricsBindAddress: ""
 hostnameOverride: bench-cp
 serviceClusterIPRange: 10.96.0.0/12
+portalMode: $portal
 EOF
     for i in $(seq 1 "$1"); do
       printf -- "---\napiVersion: v1\nkind: Service\nmetadata: {name: s%d, namespace: bench}\nspec: {clusterIP: 10.96.%d.%d, ports: [{name: p, port: 9000}]}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: s%d, namespace: bench}\nsubsets: [{addresses: [{ip: 10.10.2.2}], ports: [{name: p, port: 9000}]}]\n" "$i" $((i / 250 + 1)) $((i % 250 + 1)) "$i"
@@ -285,10 +290,10 @@ EOF
   }
   gen "$n" > "$WORK/cp.yaml"
   last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
-  rec userspace-proxy "program_${n}_s" "$(start_and_time "$last" "$OUT/cp-$n.log" --config "$WORK/cp.yaml")" 1
+  rec userspace-proxy "program${sfx}_${n}_s" "$(start_and_time "$last" "$OUT/cp$sfx-$n.log" --config "$WORK/cp.yaml")" 1
   pid=$(proxy_pid)
-  [ -n "$pid" ] || { echo "proxy with $n services died; see $OUT/cp-$n.log" >&2; exit 1; }
-  rec userspace-proxy "rss_${n}_mib" "$(echo "scale=1; $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024" | bc)" 1
+  [ -n "$pid" ] || { echo "proxy with $n services died; see $OUT/cp$sfx-$n.log" >&2; exit 1; }
+  [ -z "$sfx" ] && rec userspace-proxy "rss_${n}_mib" "$(echo "scale=1; $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024" | bc)" 1
   # One more service: time from the file write (plus SIGHUP, the immediate-reload path; the
   # file is otherwise polled every 500 ms) to its first answer.
   m=$((n + 1))
@@ -303,10 +308,11 @@ EOF
   kill -HUP "$pid"
   read -r result <&"${PROBE[0]}"
   wait "$PROBE_PID" 2>/dev/null || true
-  rec userspace-proxy "add_one_at_${n}_ms" "$(json "$result" ms)" 1
+  rec userspace-proxy "add_one${sfx}_at_${n}_ms" "$(json "$result" ms)" 1
   kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   inns "$CP" "$BIN" --config "$WORK/cp.yaml" --cleanup 2>/dev/null || true
-  echo "   $n services: $(grep -c . "$RAW") rows so far"
+  echo "   $n services, $portal portals: $(grep -c . "$RAW") rows so far"
+done
 done
 
 echo "== control plane: the same through the Kubernetes API source"

@@ -83,6 +83,28 @@ fn relative(v: f64, base: f64, higher_better: bool) -> f64 {
     }
 }
 
+/// Control-plane rows: raw key prefix and suffix around the service count, and the label.
+const CONTROL_PLANE: &[(&str, &str, &str)] = &[
+    ("program_api_", "_s", "time to program {n} service ports from the API (start → last one answers), s"),
+    ("program_nft_", "_s", "time to program {n} service ports from the file, nftables portals (start → last one answers), s"),
+    ("program_", "_s", "time to program {n} service ports from the file, iptables portals (start → last one answers), s"),
+    ("rss_", "_mib", "RSS with {n} service ports, MiB"),
+    ("add_one_api_at_", "_ms", "one more service answering, with {n} present (API create → first answer), ms"),
+    ("add_one_nft_at_", "_ms", "one more service answering, with {n} present (file write + SIGHUP → first answer), nftables portals, ms"),
+    ("add_one_at_", "_ms", "one more service answering, with {n} present (file write + SIGHUP → first answer), iptables portals, ms"),
+];
+
+fn control_plane_label(key: &str) -> String {
+    CONTROL_PLANE
+        .iter()
+        .find_map(|(prefix, suffix, label)| {
+            let n = key.strip_prefix(prefix)?.strip_suffix(suffix)?;
+            n.parse::<u32>().ok()?;
+            Some(label.replace("{n}", n))
+        })
+        .unwrap_or_else(|| key.to_string())
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let raw = args.next().expect("raw.tsv path");
@@ -173,37 +195,7 @@ fn main() {
     if !extra.is_empty() {
         md.push_str("\n## Control plane (userspace-proxy)\n\n| measure | value |\n|---|---|\n");
         for (k, v) in &extra {
-            let label = if let Some(n) = k
-                .strip_prefix("program_api_")
-                .and_then(|s| s.strip_suffix("_s"))
-            {
-                format!(
-                    "time to program {n} service ports from the API (start → last one answers), s"
-                )
-            } else if let Some(n) = k
-                .strip_prefix("add_one_api_at_")
-                .and_then(|s| s.strip_suffix("_ms"))
-            {
-                format!(
-                    "one more service answering, with {n} present (API create → first answer), ms"
-                )
-            } else if let Some(n) = k
-                .strip_prefix("program_")
-                .and_then(|s| s.strip_suffix("_s"))
-            {
-                format!(
-                    "time to program {n} service ports from the file (start → last one answers), s"
-                )
-            } else if let Some(n) = k.strip_prefix("rss_").and_then(|s| s.strip_suffix("_mib")) {
-                format!("RSS with {n} service ports, MiB")
-            } else if let Some(n) = k
-                .strip_prefix("add_one_at_")
-                .and_then(|s| s.strip_suffix("_ms"))
-            {
-                format!("one more service answering, with {n} present (file write + SIGHUP → first answer), ms")
-            } else {
-                k.clone()
-            };
+            let label = control_plane_label(k);
             let _ = writeln!(md, "| {label} | {} |", fmt(*v));
         }
         json_rows.push(format!(
