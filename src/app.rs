@@ -18,7 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::config::file::{ConfigFile, ParseCache};
 use crate::config::{self, Overrides, PortalMode, Settings};
 use crate::model::DesiredState;
-use crate::proxier::rules::{self, bind::Bind, iptables::Iptables, Backend};
+use crate::proxier::rules::{self, bind::Bind, iptables::Iptables, nftables::Nftables, Backend};
 use crate::proxier::{self, Options, Proxier, Status};
 use crate::source::file::{self as file_source, FileSource};
 use crate::source::kube::{self as kube_source, KubeSource};
@@ -177,13 +177,14 @@ pub fn backend_for(settings: &Settings) -> Backend {
             settings.bind_address,
             settings.netfilter_extensions,
         )),
+        PortalMode::Nftables => Backend::Nftables(Nftables::new(settings.bind_address)),
         PortalMode::Bind => Backend::Bind(Bind::new(&settings.portal_interface)),
         PortalMode::None => Backend::None,
     }
 }
 
 /// Removes everything any portal mode installs (`--cleanup`): iptables chains and jump rules
-/// (for every iptables flavour present) and labelled service addresses.
+/// (for every iptables flavour present), our nftables table and labelled service addresses.
 ///
 /// # Errors
 /// Something exists but cannot be removed.
@@ -198,6 +199,9 @@ pub fn cleanup(settings: &Settings) -> Result<(), rules::Error> {
         {
             first.get_or_insert(e);
         }
+    }
+    if let Err(e) = Nftables::cleanup() {
+        first.get_or_insert(e);
     }
     match Bind::cleanup(&settings.portal_interface) {
         Ok(n) if n > 0 => {

@@ -51,7 +51,7 @@ struct Cli {
     /// Shortest time between syncs (e.g. 1s).
     #[arg(long, value_name = "DURATION")]
     iptables_min_sync_period: Option<String>,
-    /// How traffic reaches the proxy: iptables rules, bind (no netfilter), or none.
+    /// How traffic reaches the proxy: iptables rules, nftables maps, bind (no netfilter), or none.
     #[arg(long, value_name = "MODE")]
     portal_mode: Option<PortalMode>,
     /// Rule shapes: auto, full (comment/addrtype/physdev/state), minimal (nat + REDIRECT only).

@@ -1,5 +1,5 @@
 //! End-to-end portals in network namespaces this test makes itself: real iptables (nft and
-//! legacy), real REDIRECT/DNAT, the real binary.
+//! legacy) and real nftables portals, real REDIRECT/DNAT, the real binary.
 //!
 //! Topology per scenario (every address exists only inside these namespaces):
 //!
@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_userspace-proxy");
+/// The flavour name that selects `portalMode: nftables`.
+const NFTABLES: &str = "nftables";
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 // === helpers run inside namespaces ===
@@ -350,11 +352,14 @@ impl World {
             BIN,
             "--config",
             cfg.to_str().unwrap(),
-            "--iptables-command",
-            &self.iptables,
             "-v",
             "4",
         ])
+        .args(if self.nftables() {
+            ["--portal-mode", "nftables"]
+        } else {
+            ["--iptables-command", self.iptables.as_str()]
+        })
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -429,9 +434,20 @@ impl World {
         }
     }
 
+    /// The `nftables` flavour runs the nftables portal backend instead of an iptables one.
+    fn nftables(&self) -> bool {
+        self.iptables == NFTABLES
+    }
+
+    /// The node's portal rules as text: `iptables-save`, or our nftables table.
     fn save(&self) -> String {
         let save = format!("{}-save", self.iptables);
-        self.exec(&self.node, &[&save])
+        let cmd: &[&str] = if self.nftables() {
+            &["nft", "list", "table", "ip", "userspace-proxy"]
+        } else {
+            &[&save]
+        };
+        self.exec(&self.node, cmd)
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     }
@@ -462,10 +478,20 @@ impl World {
             .collect()
     }
 
-    /// The proxy port of a service, read from its REDIRECT rule.
+    /// The proxy port of a service, read from its REDIRECT rule (or its portal element,
+    /// `<addr> . tcp . 80 comment "<name>" : <port>`).
     fn proxy_port(&self, comment: &str) -> Option<u16> {
-        self.save()
-            .lines()
+        let save = self.save();
+        if self.nftables() {
+            let tagged = format!("comment \"{comment}\" : ");
+            let at = save.find(&tagged)? + tagged.len();
+            let digits: String = save[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            return digits.parse().ok();
+        }
+        save.lines()
             .find(|l| l.contains(comment) && l.contains("--to-ports"))
             .and_then(|l| l.split("--to-ports ").nth(1)?.trim().parse().ok())
     }
@@ -594,35 +620,9 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
     w.backends()?;
     w.write_config(&format!("{HEAD}{}", services(true)));
     let p = w.start_proxy(&[])?;
-    let (node, pod, out) = (w.node.clone(), w.pod.clone(), w.out.clone());
+    let pod = w.pod.clone();
     w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
-
-    // ClusterIP TCP from a pod and from the node: round robin over the three backends.
-    for ns in [&pod, &node] {
-        let m = ids(&w.client(ns, "tcp", "10.96.0.10:80", 9))?;
-        check!(
-            m.len() == 3 && m.values().all(|n| *n == 3),
-            "TCP from {ns}: uneven spread {m:?}"
-        );
-    }
-    // ClusterIP UDP from both: replies come back from the service address.
-    for ns in [&pod, &node] {
-        w.wait_serving(ns, "udp", "10.96.0.10:53")?;
-        let m = ids(&w.client(ns, "udp", "10.96.0.10:53", 6))?;
-        check!(!m.is_empty(), "UDP from {ns}: {m:?}");
-    }
-    // NodePort from outside and from the node itself; externalIP from outside.
-    let m = ids(&w.client(&out, "tcp", "192.168.50.1:30080", 5))?;
-    check!(
-        m.len() == 1,
-        "NodePort with ClientIP affinity pins one backend: {m:?}"
-    );
-    ids(&w.client(&node, "tcp", "192.168.50.1:30080", 2))?;
-    let m = ids(&w.client(&out, "tcp", "203.0.113.7:80", 6))?;
-    check!(m.len() == 3, "externalIP from outside spreads: {m:?}");
-    // Affinity on the ClusterIP from a pod.
-    let m = ids(&w.client(&pod, "tcp", "10.96.0.30:80", 6))?;
-    check!(m.len() == 1, "ClientIP affinity: {m:?}");
+    service_paths(&w)?;
 
     // The rules users expect, commented with the service name.
     let save = w.save();
@@ -635,23 +635,7 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         check!(save.contains(want), "missing rule {want:?} in\n{save}");
     }
 
-    // Back door: straight at a proxy port from outside, TCP and UDP, must not reach a backend.
-    let pp = w
-        .proxy_port("default/web:http")
-        .ok_or("no proxy port for web:http")?;
-    let r = w.client(&out, "tcp", &format!("192.168.50.1:{pp}"), 1);
-    check!(
-        r.len() == 1 && r.iter().all(|r| r.is_err()),
-        "direct TCP to proxy port {pp} reached a backend: {r:?}"
-    );
-    let upp = w
-        .proxy_port("default/web:dns")
-        .ok_or("no proxy port for web:dns")?;
-    let r = w.client(&out, "udp", &format!("192.168.50.1:{upp}"), 1);
-    check!(
-        r.len() == 1 && r.iter().all(|r| r.is_err()),
-        "direct UDP to proxy port {upp} reached a backend: {r:?}"
-    );
+    back_door_closed(&w)?;
 
     // UDP conntrack: entries for the portal exist after traffic, and an endpoint change of the
     // UDP port clears them, so clients do not keep a stale path.
@@ -694,28 +678,7 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         "removed endpoint still answers: {m:?}"
     );
 
-    // Reload without `api`: its rules go, its port closes; the others keep serving.
-    let api_pp = w
-        .proxy_port("default/api:http")
-        .ok_or("no proxy port for api")?;
-    w.write_config(&format!("{HEAD}{}", services(false)));
-    wait_for(
-        Duration::from_secs(5),
-        "api rules still present after reload",
-        || !w.save().contains("default/api:http"),
-    )?;
-    // While api existed, the guard chain silently dropped direct packets to its port; once its
-    // guard rule is gone and its socket closed (rules go first, by design), the kernel refuses.
-    wait_for(
-        Duration::from_secs(5),
-        "api's proxy port not closed (refused) after removal",
-        || {
-            let r = w.client(&node, "tcp", &format!("127.0.0.1:{api_pp}"), 1);
-            r.iter()
-                .all(|r| r.as_ref().is_err_and(|e| e.contains("refused")))
-        },
-    )?;
-    ids(&w.client(&pod, "tcp", "10.96.0.10:80", 3))?;
+    remove_api(&w)?;
 
     // Restart: rules are flushed and re-installed, never duplicated.
     let before = w
@@ -738,10 +701,104 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         .count();
     check!(jumps == 1, "jump rule duplicated: {jumps}");
 
-    // --cleanup leaves nothing of ours.
+    cleanup_twice(&mut w)?;
+    let save = w.save();
+    check!(
+        !save.contains("KUBE-"),
+        "leftovers after --cleanup:\n{save}"
+    );
+    Ok(())
+}
+
+/// The paths every NAT backend must serve for `services(true)`: ClusterIP TCP (round robin)
+/// and UDP from a pod and from the node, NodePort from outside and from the node, externalIP
+/// from outside, ClientIP affinity.
+fn service_paths(w: &World) -> Result<(), String> {
+    let (node, pod, out) = (&w.node, &w.pod, &w.out);
+    // ClusterIP TCP from a pod and from the node: round robin over the three backends.
+    for ns in [pod, node] {
+        let m = ids(&w.client(ns, "tcp", "10.96.0.10:80", 9))?;
+        check!(
+            m.len() == 3 && m.values().all(|n| *n == 3),
+            "TCP from {ns}: uneven spread {m:?}"
+        );
+    }
+    // ClusterIP UDP from both: replies come back from the service address.
+    for ns in [pod, node] {
+        w.wait_serving(ns, "udp", "10.96.0.10:53")?;
+        let m = ids(&w.client(ns, "udp", "10.96.0.10:53", 6))?;
+        check!(!m.is_empty(), "UDP from {ns}: {m:?}");
+    }
+    // NodePort from outside and from the node itself; externalIP from outside.
+    let m = ids(&w.client(out, "tcp", "192.168.50.1:30080", 5))?;
+    check!(
+        m.len() == 1,
+        "NodePort with ClientIP affinity pins one backend: {m:?}"
+    );
+    ids(&w.client(node, "tcp", "192.168.50.1:30080", 2))?;
+    let m = ids(&w.client(out, "tcp", "203.0.113.7:80", 6))?;
+    check!(m.len() == 3, "externalIP from outside spreads: {m:?}");
+    // Affinity on the ClusterIP from a pod.
+    let m = ids(&w.client(pod, "tcp", "10.96.0.30:80", 6))?;
+    check!(m.len() == 1, "ClientIP affinity: {m:?}");
+    Ok(())
+}
+
+/// Straight at a proxy port from outside, TCP and UDP: must not reach a backend.
+fn back_door_closed(w: &World) -> Result<(), String> {
+    let out = &w.out;
+    let pp = w
+        .proxy_port("default/web:http")
+        .ok_or("no proxy port for web:http")?;
+    let r = w.client(out, "tcp", &format!("192.168.50.1:{pp}"), 1);
+    check!(
+        r.len() == 1 && r.iter().all(|r| r.is_err()),
+        "direct TCP to proxy port {pp} reached a backend: {r:?}"
+    );
+    let upp = w
+        .proxy_port("default/web:dns")
+        .ok_or("no proxy port for web:dns")?;
+    let r = w.client(out, "udp", &format!("192.168.50.1:{upp}"), 1);
+    check!(
+        r.len() == 1 && r.iter().all(|r| r.is_err()),
+        "direct UDP to proxy port {upp} reached a backend: {r:?}"
+    );
+    Ok(())
+}
+
+/// Reload without `api`: its portals go, its port closes; the others keep serving.
+fn remove_api(w: &World) -> Result<(), String> {
+    let (node, pod) = (&w.node, &w.pod);
+    let api_pp = w
+        .proxy_port("default/api:http")
+        .ok_or("no proxy port for api")?;
+    w.write_config(&format!("{HEAD}{}", services(false)));
+    wait_for(
+        Duration::from_secs(5),
+        "api rules still present after reload",
+        || !w.save().contains("default/api:http"),
+    )?;
+    // While api existed, the guard chain silently dropped direct packets to its port; once its
+    // guard rule is gone and its socket closed (rules go first, by design), the kernel refuses.
+    wait_for(
+        Duration::from_secs(5),
+        "api's proxy port not closed (refused) after removal",
+        || {
+            let r = w.client(node, "tcp", &format!("127.0.0.1:{api_pp}"), 1);
+            r.iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("refused")))
+        },
+    )?;
+    ids(&w.client(pod, "tcp", "10.96.0.10:80", 3))?;
+    Ok(())
+}
+
+/// Stops the newest proxy and runs `--cleanup` twice (the second must tolerate absence).
+fn cleanup_twice(w: &mut World) -> Result<(), String> {
     let idx = w.children.len() - 1;
     w.stop(idx)?;
     let cfg = w.config_path();
+    let node = w.node.clone();
     w.exec(
         &node,
         &[BIN, "--config", cfg.to_str().unwrap(), "--cleanup"],
@@ -751,10 +808,56 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         &[BIN, "--config", cfg.to_str().unwrap(), "--cleanup"],
     )
     .map_err(|e| format!("second cleanup must tolerate absence: {e}"))?;
-    let save = w.save();
+    Ok(())
+}
+
+/// nftables portals: the same paths as the iptables backends, the portals as commented map
+/// elements, a removal, a restart (same ports, no duplicates) and `--cleanup` (no table left).
+fn nftables_portals(flavour: &str) -> Result<(), String> {
+    let mut w = World::new(flavour)?;
+    w.backends()?;
+    w.write_config(&format!("{HEAD}{}", services(true)));
+    let p = w.start_proxy(&[])?;
+    let pod = w.pod.clone();
+    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
+    service_paths(&w)?;
+    let table = w.save();
+    for want in [
+        "10.96.0.10 . tcp . 80 comment \"default/web:http\" : ",
+        "10.96.0.10 . udp . 53 comment \"default/web:dns\" : ",
+        "203.0.113.7 . tcp . 80 comment \"default/web:http\" : ",
+        "tcp . 30080 : ",
+        "redirect to :ip daddr . meta l4proto . th dport map @portals",
+        "fib daddr type local redirect to :meta l4proto . th dport map @nodeports",
+        "dnat to 192.168.50.1:ip daddr . meta l4proto . th dport map @portals",
+    ] {
+        check!(table.contains(want), "missing {want:?} in\n{table}");
+    }
+    back_door_closed(&w)?;
+    remove_api(&w)?;
+
+    // Restart: the table is replaced, not doubled, and the proxy ports are adopted.
+    let elements = |t: &str| t.matches(" comment \"").count();
+    let (before, port) = (elements(&w.save()), w.proxy_port("default/web:http"));
+    w.stop(p)?;
+    w.start_proxy(&[])?;
+    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
+    let after = elements(&w.save());
     check!(
-        !save.contains("KUBE-"),
-        "leftovers after --cleanup:\n{save}"
+        before == after && before > 0,
+        "portal elements across restart: {before} -> {after}"
+    );
+    check!(
+        w.proxy_port("default/web:http") == port,
+        "the proxy port changed across the restart"
+    );
+
+    cleanup_twice(&mut w)?;
+    let tables = w.exec(&w.node, &["nft", "list", "tables"])?;
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    check!(
+        !tables.contains("userspace-proxy"),
+        "table left after --cleanup:\n{tables}"
     );
     Ok(())
 }
@@ -1125,10 +1228,19 @@ fn main() {
         eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         eprintln!("!! netns_e2e SKIPPED: {why}. These tests need root (CI runs them).");
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-        println!("netns_e2e: 0 passed, 0 failed, 11 skipped");
+        println!("netns_e2e: 0 passed, 0 failed, 14 skipped");
         return;
     }
     let mut flavours = vec!["iptables-nft"];
+    if Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        flavours.push(NFTABLES);
+    } else {
+        eprintln!("note: nft not installed; the nftables portal flavour is not run");
+    }
     if Command::new("iptables-legacy")
         .arg("--version")
         .output()
@@ -1138,17 +1250,27 @@ fn main() {
     } else {
         eprintln!("note: iptables-legacy not installed; running the nft flavour only");
     }
+    // Which flavours a scenario runs under: the iptables rule shapes, the bind mode and the
+    // nftables table are each checked by their own scenario; the traffic scenarios by all.
     type Scenario = fn(&str) -> Result<(), String>;
-    let scenarios: [(&str, Scenario); 5] = [
-        ("restart_under_load", restart_under_load),
-        ("external_local", external_local),
-        ("full_lifecycle", full_lifecycle),
-        ("minimal_shapes", minimal_shapes),
-        ("bind_mode", bind_mode),
+    type RunsUnder = fn(&str) -> bool;
+    let iptables_only: RunsUnder = |f| f != NFTABLES;
+    let nftables_only: RunsUnder = |f| f == NFTABLES;
+    let any: RunsUnder = |_| true;
+    let scenarios: [(&str, Scenario, RunsUnder); 6] = [
+        ("restart_under_load", restart_under_load, any),
+        ("external_local", external_local, any),
+        ("full_lifecycle", full_lifecycle, iptables_only),
+        ("minimal_shapes", minimal_shapes, iptables_only),
+        ("bind_mode", bind_mode, iptables_only),
+        ("nftables_portals", nftables_portals, nftables_only),
     ];
     let (mut passed, mut failed) = (0, 0);
     for ipt in &flavours {
-        for (name, f) in scenarios {
+        for (name, f, runs_under) in scenarios {
+            if !runs_under(ipt) {
+                continue;
+            }
             let full = format!("{name}[{ipt}]");
             if filter.as_ref().is_some_and(|f| !full.contains(f.as_str())) {
                 continue;

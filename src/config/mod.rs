@@ -86,6 +86,9 @@ pub enum PortalMode {
     /// netfilter REDIRECT/DNAT rules, as kube-proxy's userspace mode (the default).
     #[default]
     Iptables,
+    /// The same redirections from an nftables table of our own, with the portals in maps: one
+    /// lookup per packet and one element per change, whatever the number of services.
+    Nftables,
     /// No netfilter at all: service IPs are added to a local interface and listeners bind to
     /// `ServiceIP:port` directly; NodePorts listen on the node's addresses.
     Bind,
@@ -112,10 +115,11 @@ impl std::str::FromStr for PortalMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "iptables" => Ok(PortalMode::Iptables),
+            "nftables" => Ok(PortalMode::Nftables),
             "bind" => Ok(PortalMode::Bind),
             "none" => Ok(PortalMode::None),
             o => Err(format!(
-                "unknown portal mode {o:?} (expected iptables, bind or none)"
+                "unknown portal mode {o:?} (expected iptables, nftables, bind or none)"
             )),
         }
     }

@@ -320,7 +320,10 @@ impl Proxier {
         let Some(np) = spec.node_port else {
             return Ok(None);
         };
-        if self.opts.portal_mode != PortalMode::Iptables {
+        if !matches!(
+            self.opts.portal_mode,
+            PortalMode::Iptables | PortalMode::Nftables
+        ) {
             return Ok(None); // bind mode listens on the NodePort itself; none has no NodePorts
         }
         let any: IpAddr = if spec.cluster_ip.is_ipv4() {

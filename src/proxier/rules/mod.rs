@@ -1,9 +1,11 @@
 //! Portals: how traffic to service addresses reaches the listeners.
 //!
-//! Three backends, chosen by `portalMode`:
+//! Four backends, chosen by `portalMode`:
 //! - [`iptables`]: kube-proxy's userspace chains and rule shapes, written in one atomic
 //!   `iptables-restore --noflush` per sync that changes anything (the original ran one exec per
 //!   rule: minutes for a thousand services);
+//! - [`nftables`]: a table of our own whose maps hold the portals: one hash lookup per packet,
+//!   one element per service change;
 //! - [`bind`]: no netfilter at all; service IPs are added to a local interface and listeners bind
 //!   them directly;
 //! - none: listeners only.
@@ -13,6 +15,7 @@
 
 pub mod bind;
 pub mod iptables;
+pub mod nftables;
 
 use std::net::IpAddr;
 
@@ -95,6 +98,8 @@ impl NodeAddrs {
 pub enum Backend {
     /// iptables rules.
     Iptables(iptables::Iptables),
+    /// nftables maps.
+    Nftables(nftables::Nftables),
     /// Service addresses on a local interface.
     Bind(bind::Bind),
     /// Nothing.
@@ -109,6 +114,7 @@ impl Backend {
     pub fn init(&mut self) -> Result<()> {
         match self {
             Backend::Iptables(i) => i.init(),
+            Backend::Nftables(n) => n.init(),
             Backend::Bind(b) => b.init(),
             Backend::None => Ok(()),
         }
@@ -121,6 +127,7 @@ impl Backend {
     pub fn sync(&mut self, portals: &[Portal], node: &NodeAddrs) -> Result<bool> {
         match self {
             Backend::Iptables(i) => i.sync(portals, node),
+            Backend::Nftables(n) => n.sync(portals, node),
             Backend::Bind(b) => b.sync(portals),
             Backend::None => Ok(false),
         }
@@ -133,6 +140,7 @@ impl Backend {
     pub fn repair(&mut self) -> Result<()> {
         match self {
             Backend::Iptables(i) => i.repair(),
+            Backend::Nftables(n) => n.repair(),
             Backend::Bind(b) => b.repair(),
             Backend::None => Ok(()),
         }
@@ -145,25 +153,26 @@ impl Backend {
     /// The `conntrack` tool failed.
     pub fn flush_udp_conntrack(&self, ip: IpAddr, port: u16) -> Result<()> {
         match self {
-            Backend::Iptables(_) => iptables::flush_udp_conntrack(ip, port),
+            Backend::Iptables(_) | Backend::Nftables(_) => iptables::flush_udp_conntrack(ip, port),
             _ => Ok(()),
         }
     }
 
     /// Proxy ports a previous run's rules point at, by portal (`ip`, protocol, port), for the
-    /// proxier to re-bind (iptables only; other backends have nothing to adopt).
+    /// proxier to re-bind (NAT backends only; the others have nothing to adopt).
     pub fn take_adoptable(
         &mut self,
     ) -> std::collections::HashMap<(IpAddr, crate::model::Protocol, u16), u16> {
         match self {
             Backend::Iptables(i) => i.take_adoptable(),
+            Backend::Nftables(n) => n.take_adoptable(),
             _ => Default::default(),
         }
     }
 
     /// Whether `SO_ORIGINAL_DST` identifies portal traffic (NAT backends only).
     pub fn guards_by_original_dst(&self) -> bool {
-        matches!(self, Backend::Iptables(_))
+        matches!(self, Backend::Iptables(_) | Backend::Nftables(_))
     }
 }
 
