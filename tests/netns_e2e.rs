@@ -616,13 +616,8 @@ fn ids(results: &[Result<String, String>]) -> Result<HashMap<String, usize>, Str
 /// ClusterIP TCP+UDP from the node (OUTPUT) and from a pod (PREROUTING), NodePort and
 /// externalIP from outside, affinity, the back door, reload removal, restart, cleanup.
 fn full_lifecycle(ipt: &str) -> Result<(), String> {
-    let mut w = World::new(ipt)?;
-    w.backends()?;
-    w.write_config(&format!("{HEAD}{}", services(true)));
-    let p = w.start_proxy(&[])?;
+    let (mut w, p) = serving(ipt)?;
     let pod = w.pod.clone();
-    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
-    service_paths(&w)?;
 
     // The rules users expect, commented with the service name.
     let save = w.save();
@@ -708,6 +703,19 @@ fn full_lifecycle(ipt: &str) -> Result<(), String> {
         "leftovers after --cleanup:\n{save}"
     );
     Ok(())
+}
+
+/// A world whose proxy serves `services(true)` through every path of [`service_paths`];
+/// returns it with the proxy's index.
+fn serving(flavour: &str) -> Result<(World, usize), String> {
+    let mut w = World::new(flavour)?;
+    w.backends()?;
+    w.write_config(&format!("{HEAD}{}", services(true)));
+    let p = w.start_proxy(&[])?;
+    let pod = w.pod.clone();
+    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
+    service_paths(&w)?;
+    Ok((w, p))
 }
 
 /// The paths every NAT backend must serve for `services(true)`: ClusterIP TCP (round robin)
@@ -814,13 +822,8 @@ fn cleanup_twice(w: &mut World) -> Result<(), String> {
 /// nftables portals: the same paths as the iptables backends, the portals as commented map
 /// elements, a removal, a restart (same ports, no duplicates) and `--cleanup` (no table left).
 fn nftables_portals(flavour: &str) -> Result<(), String> {
-    let mut w = World::new(flavour)?;
-    w.backends()?;
-    w.write_config(&format!("{HEAD}{}", services(true)));
-    let p = w.start_proxy(&[])?;
+    let (mut w, p) = serving(flavour)?;
     let pod = w.pod.clone();
-    w.wait_serving(&pod, "tcp", "10.96.0.10:80")?;
-    service_paths(&w)?;
     let table = w.save();
     for want in [
         "10.96.0.10 . tcp . 80 comment \"default/web:http\" : ",
