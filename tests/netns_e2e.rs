@@ -186,7 +186,9 @@ struct World {
     out: String,
     children: Vec<Child>,
     dir: tempfile::TempDir,
-    iptables: String,
+    /// `iptables-nft`, `iptables-legacy` (the iptables backend with that command) or
+    /// [`NFTABLES`] (the nftables backend).
+    flavour: String,
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<Output, String> {
@@ -205,7 +207,7 @@ fn run(cmd: &str, args: &[&str]) -> Result<Output, String> {
 }
 
 impl World {
-    fn new(iptables: &str) -> Result<World, String> {
+    fn new(flavour: &str) -> Result<World, String> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let id = format!("{:x}{n}", std::process::id() & 0xfff);
         let w = World {
@@ -215,7 +217,7 @@ impl World {
             id,
             children: Vec::new(),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
-            iptables: iptables.into(),
+            flavour: flavour.into(),
         };
         for ns in [&w.node, &w.pod, &w.out] {
             run("ip", &["netns", "add", ns])?;
@@ -358,7 +360,7 @@ impl World {
         .args(if self.nftables() {
             ["--portal-mode", "nftables"]
         } else {
-            ["--iptables-command", self.iptables.as_str()]
+            ["--iptables-command", self.flavour.as_str()]
         })
         .args(extra)
         .stdin(Stdio::null())
@@ -436,12 +438,12 @@ impl World {
 
     /// The `nftables` flavour runs the nftables portal backend instead of an iptables one.
     fn nftables(&self) -> bool {
-        self.iptables == NFTABLES
+        self.flavour == NFTABLES
     }
 
     /// The node's portal rules as text: `iptables-save`, or our nftables table.
     fn save(&self) -> String {
-        let save = format!("{}-save", self.iptables);
+        let save = format!("{}-save", self.flavour);
         let cmd: &[&str] = if self.nftables() {
             &["nft", "list", "table", "ip", "userspace-proxy"]
         } else {

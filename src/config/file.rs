@@ -490,7 +490,7 @@ fn index_of(cache: &ParseCache, state: &DesiredState) -> Option<patch::Index> {
         };
         entries.insert(*hash, entry);
     }
-    patch::Index::build(&cache.order, entries, state)
+    Some(patch::Index::build(*cache.order.first()?, entries, state))
 }
 
 type EndpointList = Arc<Vec<model::Endpoint>>;

@@ -88,14 +88,9 @@ pub(super) struct Index {
 const MIN_PATCH: usize = 8;
 
 impl Index {
-    /// Indexes an accepted file: `order` is the hash of each document in order, `entries` what
-    /// each hash holds, `state` what the full path built from them.
-    pub(super) fn build(
-        order: &[u64],
-        entries: HashMap<u64, Entry>,
-        state: &DesiredState,
-    ) -> Option<Self> {
-        let first = *order.first()?;
+    /// Indexes an accepted file: `first` is the hash of its first document, `entries` what
+    /// each document hash holds, `state` what the full path built from them.
+    pub(super) fn build(first: u64, entries: HashMap<u64, Entry>, state: &DesiredState) -> Self {
         let mut index = Index {
             first,
             docs: HashMap::with_capacity(entries.len()),
@@ -116,7 +111,7 @@ impl Index {
             index.note(hash, &entry);
             index.docs.insert(hash, entry);
         }
-        Some(index)
+        index
     }
 
     /// Records the indexes of an entry (not the state).
