@@ -8,6 +8,7 @@
 //!
 //! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them.
 
+mod gso;
 pub mod splice;
 pub mod stats;
 pub mod tcp;

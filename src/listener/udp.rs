@@ -4,17 +4,17 @@
 //! address the client sent to. A session ends after `udpIdleTimeout` without traffic in either
 //! direction, on a backend error (the next datagram then opens a session to the next endpoint),
 //! or when the service port is removed. Datagrams up to 65,507 bytes pass whole (the original
-//! truncated at 4 KiB, kubernetes#47659); the receive buffer is one per listener and the reply
-//! buffer one per worker thread, so an idle session costs a socket and a small struct only.
+//! truncated at 4 KiB, kubernetes#47659). Datagrams move in batches ([`super::gso`]): what a
+//! socket has queued is read at once and sent on in runs, into one buffer per worker thread, so
+//! an idle session costs a socket and a small struct only.
 //!
 //! The session table is bounded (`udpMaxSessions`): past it new clients' datagrams are dropped
 //! and counted, instead of exhausting descriptors for every other service.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::gso::{self, Batch, Fill, Sent};
 use super::{is_resource_exhaustion, Shared, Stats};
 
 /// The runtime UDP listeners and their sessions run on: one dedicated thread with a
@@ -44,15 +45,6 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Handle {
     })
 }
 
-/// Largest UDP payload over IPv4 (65,535 minus IP and UDP headers), plus room to spare.
-const MAX_DATAGRAM: usize = 65_536;
-
-thread_local! {
-    /// Reply buffer, shared by every session that runs on this worker thread. Only used between
-    /// a `try_recv` and the `try_send_to` that follows it, with no await in between.
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
-}
-
 #[derive(Debug)]
 struct Session {
     backend: UdpSocket,
@@ -62,6 +54,10 @@ struct Session {
     generation: AtomicU64,
     /// Milliseconds after `born` of the last datagram either way.
     last_ms: AtomicU64,
+    /// Largest segment size a segmented send may use, towards the backend and towards the client
+    /// (each path has its own MTU).
+    to_backend: AtomicUsize,
+    to_client: AtomicUsize,
 }
 
 impl Session {
@@ -101,43 +97,138 @@ pub(crate) async fn serve(
     kill: CancellationToken,
 ) {
     let table: Table = Arc::new(Mutex::new(HashMap::new()));
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (n, client) = tokio::select! {
+        tokio::select! {
             biased;
             _ = accept.cancelled() => break,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) if is_resource_exhaustion(&e) => {
-                    warn!(service = %shared.name, error = %e, "UDP receive failed: out of resources; pausing");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-                Err(e) => {
-                    // ECONNREFUSED and the like from ICMP errors: not fatal for the listener
-                    // (the original's loop exited here and the port stayed dead).
-                    debug!(service = %shared.name, error = %e, "UDP receive error");
-                    continue;
-                }
+            r = sock.readable() => if let Err(e) = r {
+                debug!(service = %shared.name, error = %e, "UDP listener not readable");
+                tokio::time::sleep(backoff).await;
+                continue;
             },
-        };
-        backoff = Duration::from_millis(5);
-        let Some(session) = session_for(&table, client, &sock, &shared, &tracker, &accept, &kill)
-        else {
-            continue;
-        };
-        match send_to_backend(&session.backend, &buf[..n]).await {
-            Ok(sent) => Stats::add(&shared.stats.bytes_to_backend, sent as u64),
-            Err(e) => {
-                Stats::add(&shared.stats.udp_dropped, 1);
-                debug!(service = %shared.name, client.addr = %client, backend.addr = %session.endpoint, error = %e, "datagram to backend dropped");
+        }
+        let (why, blocked) = Batch::with(|batch| {
+            let why = batch.fill(|buf| sock.try_recv_from(buf));
+            let blocked = forward(batch, &table, &sock, &shared, &tracker, &accept, &kill);
+            (why, blocked)
+        });
+        match why {
+            Fill::Failed(e) if is_resource_exhaustion(&e) => {
+                warn!(service = %shared.name, error = %e, "UDP receive failed: out of resources; pausing");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            // ECONNREFUSED and the like from ICMP errors: not fatal for the listener (the
+            // original's loop exited here and the port stayed dead).
+            Fill::Failed(e) => debug!(service = %shared.name, error = %e, "UDP receive error"),
+            Fill::Drained | Fill::Full => backoff = Duration::from_millis(5),
+        }
+        // Datagrams a full backend socket could not take at once: sent in order, each with a
+        // short wait, after the batch buffer is free again.
+        for (session, datagrams) in blocked {
+            for d in datagrams {
+                match send_to_backend(&session.backend, &d).await {
+                    Ok(sent) => Stats::add(&shared.stats.bytes_to_backend, sent as u64),
+                    Err(e) => {
+                        Stats::add(&shared.stats.udp_dropped, 1);
+                        debug!(service = %shared.name, backend.addr = %session.endpoint, error = %e, "datagram to backend dropped");
+                    }
+                }
             }
         }
     }
     lock(&table).clear();
     debug!(service = %shared.name, "UDP listener closed");
+}
+
+/// Datagrams left unsent because a socket was full, copied out of the batch buffer.
+type Blocked = Vec<(Arc<Session>, Vec<Vec<u8>>)>;
+
+/// Sends a batch read from the listener on to the backends: each client's datagrams, in the
+/// order they came, in as few sends as the segmentation rules allow.
+fn forward(
+    batch: &Batch,
+    table: &Table,
+    sock: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    accept: &CancellationToken,
+    kill: &CancellationToken,
+) -> Blocked {
+    let mut blocked = Blocked::new();
+    // A stable sort keeps each client's datagrams in arrival order.
+    let mut order: Vec<usize> = (0..batch.items.len()).collect();
+    order.sort_by_key(|&i| batch.items[i].0);
+    for group in order.chunk_by(|&a, &b| batch.items[a].0 == batch.items[b].0) {
+        let client = batch.items[group[0]].0;
+        let Some(session) = session_for(
+            table,
+            client,
+            group.len() as u64,
+            sock,
+            shared,
+            tracker,
+            accept,
+            kill,
+        ) else {
+            continue;
+        };
+        let datagrams: Vec<&[u8]> = group
+            .iter()
+            .map(|&i| batch.bytes(batch.items[i].1.clone()))
+            .collect();
+        let unsent = send_all(
+            &session.backend,
+            &datagrams,
+            None,
+            &session.to_backend,
+            shared,
+            &shared.stats.bytes_to_backend,
+        );
+        if !unsent.is_empty() {
+            blocked.push((session, unsent));
+        }
+    }
+    blocked
+}
+
+/// Sends datagrams for one destination in runs. A datagram the socket refuses (an ICMP error
+/// reported on a connected socket, say) is dropped and counted; the rest still go. Returns copies
+/// of what a full socket buffer did not take, in order.
+fn send_all(
+    out: &UdpSocket,
+    datagrams: &[&[u8]],
+    dest: Option<SocketAddr>,
+    max_segment: &AtomicUsize,
+    shared: &Shared,
+    bytes: &AtomicU64,
+) -> Vec<Vec<u8>> {
+    let sizes: Vec<usize> = datagrams.iter().map(|d| d.len()).collect();
+    let runs = gso::runs(&sizes, max_segment.load(Ordering::Relaxed));
+    for (k, run) in runs.iter().enumerate() {
+        let mut rest = &datagrams[run.clone()];
+        while !rest.is_empty() {
+            match gso::send_run(out, rest, dest, max_segment) {
+                Sent::All(b) => {
+                    Stats::add(bytes, b as u64);
+                    break;
+                }
+                Sent::Blocked { n, bytes: b } => {
+                    Stats::add(bytes, b as u64);
+                    let later = runs[k + 1..].iter().flat_map(|r| &datagrams[r.clone()]);
+                    return rest[n..].iter().chain(later).map(|d| d.to_vec()).collect();
+                }
+                Sent::Failed { n, bytes: b, error } => {
+                    Stats::add(bytes, b as u64);
+                    Stats::add(&shared.stats.udp_dropped, 1);
+                    debug!(service = %shared.name, dest = ?dest, error = %error, "datagram dropped");
+                    rest = &rest[n + 1..];
+                }
+            }
+        }
+    }
+    Vec::new()
 }
 
 /// Longest wait for a socket to become writable before a datagram is dropped.
@@ -158,9 +249,11 @@ async fn send_to_backend(backend: &UdpSocket, datagram: &[u8]) -> io::Result<usi
 
 /// The client's session, created (with its task) if it has none. The session is touched under
 /// the table lock, so its task cannot expire it between this lookup and the send that follows.
+#[allow(clippy::too_many_arguments)]
 fn session_for(
     table: &Table,
     client: SocketAddr,
+    datagrams: u64,
     sock: &Arc<UdpSocket>,
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
@@ -183,20 +276,20 @@ fn session_for(
         debug!(service = %shared.name, client.addr = %client, backend.addr = %s.endpoint, "UDP session moved off a removed endpoint");
     }
     if map.len() >= shared.udp_max_sessions {
-        Stats::add(&shared.stats.udp_dropped, 1);
+        Stats::add(&shared.stats.udp_dropped, datagrams);
         debug!(service = %shared.name, client.addr = %client, max = shared.udp_max_sessions, "UDP session table full; datagram dropped");
         return None;
     }
     let Some(endpoint) = shared.balancer.pick(client.ip(), false) else {
         Stats::add(&shared.stats.no_endpoints, 1);
-        Stats::add(&shared.stats.udp_dropped, 1);
+        Stats::add(&shared.stats.udp_dropped, datagrams);
         return None;
     };
     let backend = match connect_backend(endpoint) {
         Ok(b) => b,
         Err(e) => {
             Stats::add(&shared.stats.dial_failures, 1);
-            Stats::add(&shared.stats.udp_dropped, 1);
+            Stats::add(&shared.stats.udp_dropped, datagrams);
             debug!(service = %shared.name, backend.addr = %endpoint, error = %e, "UDP backend socket failed");
             return None;
         }
@@ -207,6 +300,8 @@ fn session_for(
         born: Instant::now(),
         generation: AtomicU64::new(generation),
         last_ms: AtomicU64::new(0),
+        to_backend: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
+        to_client: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
     });
     map.insert(client, session.clone());
     Stats::add(&shared.stats.udp_sessions_active, 1);
@@ -254,7 +349,7 @@ async fn run_session(
                     break if e.kind() == io::ErrorKind::ConnectionRefused { "backend refused" } else { "backend error" };
                 }
                 let (result, blocked) = relay_replies(&session, client, &sock, &shared);
-                if let Some(datagram) = blocked {
+                for datagram in blocked {
                     match tokio::time::timeout(SEND_WAIT, sock.send_to(&datagram, client)).await {
                         Ok(Ok(sent)) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
                         _ => Stats::add(&shared.stats.udp_dropped, 1),
@@ -277,9 +372,9 @@ async fn run_session(
 }
 
 /// Relays queued replies without blocking. Returns the reason to end the session on a backend
-/// error, and a reply the service socket could not take at once (sent by the caller with a
+/// error, and the replies the service socket could not take at once (sent by the caller with a
 /// short wait; the rest stays queued in the kernel for the next wake-up).
-type Relay = (Result<(), &'static str>, Option<Vec<u8>>);
+type Relay = (Result<(), &'static str>, Vec<Vec<u8>>);
 
 fn relay_replies(
     session: &Session,
@@ -287,26 +382,34 @@ fn relay_replies(
     sock: &UdpSocket,
     shared: &Shared,
 ) -> Relay {
-    REPLY_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        loop {
-            match session.backend.try_recv(&mut buf) {
-                Ok(n) => {
-                    session.touch();
-                    match sock.try_send_to(&buf[..n], client) {
-                        Ok(sent) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            return (Ok(()), Some(buf[..n].to_vec()))
-                        }
-                        Err(_) => Stats::add(&shared.stats.udp_dropped, 1),
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Ok(()), None),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    return (Err("backend refused"), None)
-                }
-                Err(_) => return (Err("backend error"), None),
+    Batch::with(|batch| loop {
+        let why = batch.fill(|buf| session.backend.try_recv(buf).map(|n| (n, client)));
+        if !batch.items.is_empty() {
+            session.touch();
+            let datagrams: Vec<&[u8]> = batch
+                .items
+                .iter()
+                .map(|(_, r)| batch.bytes(r.clone()))
+                .collect();
+            let unsent = send_all(
+                sock,
+                &datagrams,
+                Some(client),
+                &session.to_client,
+                shared,
+                &shared.stats.bytes_to_client,
+            );
+            if !unsent.is_empty() {
+                return (Ok(()), unsent);
             }
+        }
+        match why {
+            Fill::Drained => return (Ok(()), Vec::new()),
+            Fill::Full => batch.clear(),
+            Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return (Err("backend refused"), Vec::new())
+            }
+            Fill::Failed(_) => return (Err("backend error"), Vec::new()),
         }
     })
 }
