@@ -179,6 +179,9 @@ pub struct Proxier {
     last: Option<DesiredState>,
     /// The next sync looks at every service port, not only the changed ones (periodic repair).
     full_next: bool,
+    /// The node addresses the rules were last written for without error; `None` until then or
+    /// after a failed write.
+    rules_node: Option<NodeAddrs>,
     /// Status of every service port, kept up to date by syncs.
     ports: imbl::OrdMap<ServicePortName, PortStatus>,
     /// Proxy ports of a previous run, by portal, re-bound where possible.
@@ -286,6 +289,7 @@ impl Proxier {
             adopt: Default::default(),
             last: None,
             full_next: false,
+            rules_node: None,
             ports: Default::default(),
         }
     }
@@ -476,6 +480,33 @@ impl Proxier {
         self.health_ports.sync(&wanted);
     }
 
+    /// Writes the rules for every open port.
+    fn write_rules(&mut self, node: &NodeAddrs) {
+        let portals: Vec<Portal> = self
+            .applied
+            .values()
+            .map(|a| Portal {
+                service: a.spec.clone(),
+                proxy_port: a.proxy_port,
+            })
+            .collect();
+        match self.backend.sync(&portals, node) {
+            Ok(written) => {
+                if written {
+                    debug!(portals = portals.len(), "portals written");
+                }
+                self.counters.rules_error = None;
+                self.rules_node = Some(node.clone());
+            }
+            Err(e) => {
+                error!(error = %e, "failed to write portals; will retry");
+                self.counters.rules_error = Some(e.to_string());
+                self.counters.rules_failures += 1;
+                self.rules_node = None;
+            }
+        }
+    }
+
     /// Applies one desired state now (no pacing). Returns the plan that was carried out.
     pub fn sync(&mut self, desired: &DesiredState) -> Plan {
         let started = Instant::now();
@@ -595,30 +626,16 @@ impl Proxier {
         self.sync_health_ports(desired);
 
         let t_listeners = started.elapsed();
-        let portals: Vec<Portal> = self
-            .applied
-            .values()
-            .map(|a| Portal {
-                service: a.spec.clone(),
-                proxy_port: a.proxy_port,
-            })
-            .collect();
         let t_rules = Instant::now();
-        let rules_result = self.backend.sync(&portals, &node);
-        let t_rules = t_rules.elapsed();
-        match rules_result {
-            Ok(written) => {
-                if written {
-                    debug!(portals = portals.len(), "portals written");
-                }
-                self.counters.rules_error = None;
-            }
-            Err(e) => {
-                error!(error = %e, "failed to write portals; will retry");
-                self.counters.rules_error = Some(e.to_string());
-                self.counters.rules_failures += 1;
-            }
+        // Rules follow from the open ports and the node's addresses only. When neither changed
+        // since they were last written (an endpoint change, say), rendering every portal only to
+        // find nothing new would put O(services) work on the path of every endpoint change. Full
+        // syncs still render and compare everything.
+        let rules_current = !full && plan.is_empty() && self.rules_node.as_ref() == Some(&node);
+        if !rules_current {
+            self.write_rules(&node);
         }
+        let t_rules = t_rules.elapsed();
         for a in retired {
             self.retire(a);
         }
