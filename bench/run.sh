@@ -11,8 +11,10 @@
 # Every address exists only inside these namespaces. Every load is bounded in time and count.
 # Output: bench/results/{raw.tsv,results.md,results.json,chart.svg}.
 # Environment: REPS (default 3), SECS (iperf seconds, default 4), IDLE_CONNS (default 9900),
+# RR_ROUNDS (interleaved request/response latency rounds, default 9),
 # ONLY_TARGETS (e.g. "direct userspace-proxy haproxy"), ONLY_CP=1 (control plane only),
-# CP_SIZES (control-plane service counts, default "1000 10000").
+# CP_SIZES (control-plane service counts, default "1000 10000"), ADD_REPS (one-more-service
+# measurements per size, default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
@@ -20,6 +22,8 @@ SECS=${SECS:-4}
 # A proxied connection takes 2 descriptors in the proxy, and this sandbox caps RLIMIT_NOFILE at
 # 20,000 (without CAP_SYS_RESOURCE to raise it): 9,900 is as close to 10,000 as fits.
 IDLE_CONNS=${IDLE_CONNS:-9900}
+RR_ROUNDS=${RR_ROUNDS:-9}
+ADD_REPS=${ADD_REPS:-3}
 CP_SIZES=${CP_SIZES:-"1000 10000"}
 
 if [ "$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces)" >&2; exit 1; fi
@@ -200,8 +204,6 @@ for rep in $(seq 1 "$REPS"); do
         [ "$streams" = 1 ] && [ "$proc" != - ] && rec "$name" "cpu_s_per_gb" "$(echo "scale=3; ($c1 - $c0) * 1000000000 / $bytes" | bc)" "$rep"
       fi
     done
-    r=$(inns "$CL" "$LG" rr --target "$echo_addr" --count 20000 --size 100)
-    rec "$name" rr_p50_us "$(json "$r" p50_us)" "$rep"; rec "$name" rr_p99_us "$(json "$r" p99_us)" "$rep"
     c0=$(cpu_of "$proc")
     r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
     c1=$(cpu_of "$proc")
@@ -209,14 +211,30 @@ for rep in $(seq 1 "$REPS"); do
     rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
     [ "$proc" != - ] && rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($c1 - $c0) * 1000 / ($cps * 4)" | bc)" "$rep"
     if [ "$udp" != - ]; then
-      r=$(inns "$CL" "$LG" udp-rr --target "$udp" --count 10000 --size 100)
-      rec "$name" udp_rr_p50_us "$(json "$r" p50_us)" "$rep"; rec "$name" udp_rr_p99_us "$(json "$r" p99_us)" "$rep"
       r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100)
       rec "$name" udp_flood_pps "$(json "$r" delivered_pps)" "$rep"; rec "$name" udp_flood_loss "$(json "$r" loss)" "$rep"
       # Loss at the same offered load for everyone: a flat-out flood gives the client more CPU
       # (and so more packets to lose) the less CPU the proxy takes.
       r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100 --pps 100000)
       rec "$name" udp_paced_loss "$(json "$r" loss)" "$rep"
+    fi
+  done
+done
+
+# Request/response latency in short rounds that take turns between targets, each round starting
+# at the next target: a disturbance of this shared VM then lands on every target alike instead of
+# on one target's whole block, and the medians compare like with like.
+for round in $(seq 1 "$RR_ROUNDS"); do
+  echo "== latency round $round/$RR_ROUNDS"
+  for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
+    set -- ${TARGETS[$(((i + round) % ${#TARGETS[@]}))]}
+    name=$1 echo_addr=$3 udp=$4
+    if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
+    r=$(inns "$CL" "$LG" rr --target "$echo_addr" --count 5000 --size 100)
+    rec "$name" rr_p50_us "$(json "$r" p50_us)" "$round"; rec "$name" rr_p99_us "$(json "$r" p99_us)" "$round"
+    if [ "$udp" != - ]; then
+      r=$(inns "$CL" "$LG" udp-rr --target "$udp" --count 5000 --size 100)
+      rec "$name" udp_rr_p50_us "$(json "$r" p50_us)" "$round"; rec "$name" udp_rr_p99_us "$(json "$r" p99_us)" "$round"
     fi
   done
 done
@@ -294,21 +312,23 @@ EOF
   pid=$(proxy_pid)
   [ -n "$pid" ] || { echo "proxy with $n services died; see $OUT/cp$sfx-$n.log" >&2; exit 1; }
   [ -z "$sfx" ] && rec userspace-proxy "rss_${n}_mib" "$(echo "scale=1; $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024" | bc)" 1
-  # One more service: time from the file write (plus SIGHUP, the immediate-reload path; the
-  # file is otherwise polled every 500 ms) to its first answer.
-  m=$((n + 1))
-  gen "$m" > "$WORK/cp.next"
-  # The last port answers as soon as its rule is written; the sync that wrote it then publishes
-  # status for every port. Let it finish: the measure is one more service in steady state.
-  sleep 1
-  new="10.96.$((m / 250 + 1)).$((m % 250 + 1)):9000"
-  coproc PROBE { inns "$CP" "$LG" probe --target "$new" --within-ms 10000; }
-  read -r _started <&"${PROBE[0]}"
-  mv "$WORK/cp.next" "$WORK/cp.yaml"
-  kill -HUP "$pid"
-  read -r result <&"${PROBE[0]}"
-  wait "$PROBE_PID" 2>/dev/null || true
-  rec userspace-proxy "add_one${sfx}_at_${n}_ms" "$(json "$result" ms)" 1
+  # One more service, ADD_REPS times: time from the file write (plus SIGHUP, the immediate-reload
+  # path; the file is otherwise polled every 500 ms) to its first answer.
+  for k in $(seq 1 "$ADD_REPS"); do
+    m=$((n + k))
+    gen "$m" > "$WORK/cp.next"
+    # The last port answers as soon as its rule is written; the sync that wrote it then publishes
+    # status for every port. Let it finish: the measure is one more service in steady state.
+    sleep 1
+    new="10.96.$((m / 250 + 1)).$((m % 250 + 1)):9000"
+    coproc PROBE { inns "$CP" "$LG" probe --target "$new" --within-ms 10000; }
+    read -r _started <&"${PROBE[0]}"
+    mv "$WORK/cp.next" "$WORK/cp.yaml"
+    kill -HUP "$pid"
+    read -r result <&"${PROBE[0]}"
+    wait "$PROBE_PID" 2>/dev/null || true
+    rec userspace-proxy "add_one${sfx}_at_${n}_ms" "$(json "$result" ms)" "$k"
+  done
   kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   inns "$CP" "$BIN" --config "$WORK/cp.yaml" --cleanup 2>/dev/null || true
   echo "   $n services, $portal portals: $(grep -c . "$RAW") rows so far"
@@ -331,13 +351,15 @@ for n in $CP_SIZES; do
   rec userspace-proxy "program_api_${n}_s" "$(start_and_time "$last" "$OUT/cp-api-$n.log" --config "$WORK/cp-api.yaml" --master "$url")" 1
   pid=$(proxy_pid)
   [ -n "$pid" ] || { echo "proxy with $n API services died; see $OUT/cp-api-$n.log" >&2; exit 1; }
-  sleep 1   # steady state, as above
-  coproc PROBE { inns "$CP" "$LG" probe --target 10.100.0.1:9000 --within-ms 10000; }
-  read -r _started <&"${PROBE[0]}"
-  echo add >&7
-  read -r result <&"${PROBE[0]}"
-  wait "$PROBE_PID" 2>/dev/null || true
-  rec userspace-proxy "add_one_api_at_${n}_ms" "$(json "$result" ms)" 1
+  for k in $(seq 1 "$ADD_REPS"); do
+    sleep 1   # steady state, as above
+    coproc PROBE { inns "$CP" "$LG" probe --target "10.100.0.$k:9000" --within-ms 10000; }
+    read -r _started <&"${PROBE[0]}"
+    echo "add $k" >&7
+    read -r result <&"${PROBE[0]}"
+    wait "$PROBE_PID" 2>/dev/null || true
+    rec userspace-proxy "add_one_api_at_${n}_ms" "$(json "$result" ms)" "$k"
+  done
   kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   exec 7>&-
   wait "$api_pid" 2>/dev/null || true

@@ -64,6 +64,15 @@ fn stat(mut v: Vec<f64>) -> Stat {
     }
 }
 
+/// A median, with its spread when there is more than one sample.
+fn cell(s: Stat) -> String {
+    if s.n > 1 {
+        format!("{} [{}–{}]", fmt(s.median), fmt(s.min), fmt(s.max))
+    } else {
+        fmt(s.median)
+    }
+}
+
 fn fmt(v: f64) -> String {
     if v >= 1000.0 {
         format!("{v:.0}")
@@ -111,7 +120,8 @@ fn main() {
     let out = std::path::PathBuf::from(args.next().expect("output dir"));
     let text = std::fs::read_to_string(&raw).expect("read raw.tsv");
     let mut values: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
-    let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+    // Control-plane rows (userspace-proxy only), every sample kept: one-more-service is repeated.
+    let mut extra: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() < 4 {
@@ -122,7 +132,7 @@ fn main() {
         };
         if f[1].starts_with("program_") || f[1].starts_with("rss_") || f[1].starts_with("add_one_")
         {
-            extra.insert(f[1].to_string(), v);
+            extra.entry(f[1].to_string()).or_default().push(v);
         } else {
             values
                 .entry((f[0].to_string(), f[1].to_string()))
@@ -143,11 +153,7 @@ fn main() {
     md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat |\n|---|---|---|---|---|---|---|---|\n");
     let mut json_rows = Vec::new();
     for (metric, label, higher) in METRICS {
-        let cell = |t: &str| match get(t, metric) {
-            Some(s) if s.n > 1 => format!("{} [{}–{}]", fmt(s.median), fmt(s.min), fmt(s.max)),
-            Some(s) => fmt(s.median),
-            None => "–".into(),
-        };
+        let cell = |t: &str| get(t, metric).map_or_else(|| "–".into(), cell);
         let ours = get("userspace-proxy", metric);
         let direct = get("direct", metric);
         let best_peer = PEERS
@@ -196,13 +202,19 @@ fn main() {
         md.push_str("\n## Control plane (userspace-proxy)\n\n| measure | value |\n|---|---|\n");
         for (k, v) in &extra {
             let label = control_plane_label(k);
-            let _ = writeln!(md, "| {label} | {} |", fmt(*v));
+            let _ = writeln!(md, "| {label} | {} |", cell(stat(v.clone())));
         }
         json_rows.push(format!(
             "\"control_plane\":{{{}}}",
             extra
                 .iter()
-                .map(|(k, v)| format!("\"{k}\":{v}"))
+                .map(|(k, v)| {
+                    let s = stat(v.clone());
+                    format!(
+                        "\"{k}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
+                        s.median, s.min, s.max
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         ));

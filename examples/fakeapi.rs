@@ -6,8 +6,8 @@
 //! fakeapi --services N --backend IP:PORT [--secs S]
 //! ```
 //! Prints its URL (for `--master`) on the first line of stdout, then reads commands from stdin:
-//! `add` creates service N+1 (`bench/extra`, cluster IP 10.100.0.1, port 9000) with its slice
-//! and prints `added`. It listens on loopback only and exits after `--secs` (default 600) or
+//! `add K` creates one more service (`bench/extraK`, cluster IP 10.100.0.K, port 9000; K is 1
+//! if left out) with its slice and prints `added`. It listens on loopback only and exits after `--secs` (default 600) or
 //! at the end of stdin.
 
 #[allow(dead_code)]
@@ -80,8 +80,9 @@ async fn main() {
         tokio::select! {
             _ = &mut deadline => break,
             line = lines.next_line() => match line {
-                Ok(Some(l)) if l.trim() == "add" => {
-                    add_service(&api, "extra", "10.100.0.1", backend);
+                Ok(Some(l)) if l.trim_start().starts_with("add") => {
+                    let k: u8 = l.trim()[3..].trim().parse().unwrap_or(1).max(1);
+                    add_service(&api, &format!("extra{k}"), &format!("10.100.0.{k}"), backend);
                     println!("added");
                 }
                 Ok(Some(_)) => {}
