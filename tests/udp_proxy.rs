@@ -163,3 +163,78 @@ async fn bursts_arrive_whole_and_in_order() {
     proxy.stop().await;
     cancel.cancel();
 }
+
+/// A backend that answers one datagram with 200, more than one wake-up of the session relays
+/// (64) but fewer than the default socket buffers hold: every reply arrives, in order, and
+/// another client is served meanwhile. (Ending the session after one wake-up's share, instead
+/// of waiting for the next, fails this test.)
+#[tokio::test]
+async fn a_backend_flood_is_relayed_in_order_without_starving_others() {
+    const REPLIES: u32 = 200;
+    let cancel = CancellationToken::new();
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, from) = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = backend.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+            };
+            if &buf[..n] == b"flood" {
+                for i in 0..REPLIES {
+                    let _ = backend.send_to(&i.to_be_bytes(), from).await;
+                }
+            } else {
+                let _ = backend.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    let text = format!(
+        "{}{}{}",
+        header("udpIdleTimeout: 10s\n"),
+        service("dns", "", &["dns:53/UDP"]),
+        slice("dns", "dns", "UDP", &[backend_addr])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("dns", "dns").await;
+    let flooded = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    flooded.send_to(b"flood", addr).await.unwrap();
+    // Read the flood on its own thread while the other client is served.
+    let reader = std::thread::spawn({
+        let sock = flooded.into_std().unwrap();
+        move || {
+            sock.set_nonblocking(false).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while got.len() < REPLIES as usize {
+                match sock.recv(&mut buf) {
+                    Ok(4) => got.push(u32::from_be_bytes(buf[..4].try_into().unwrap())),
+                    Ok(n) => panic!("a reply of {n} bytes"),
+                    Err(_) => break, // a second without replies: the flood is over
+                }
+            }
+            got
+        }
+    });
+    other.send_to(b"ping", addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), other.recv_from(&mut buf))
+        .await
+        .expect("the other client is answered during the flood")
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        (0..REPLIES).collect::<Vec<_>>(),
+        "every reply, in order (relaying must go on past a wake-up's share)"
+    );
+    proxy.stop().await;
+    cancel.cancel();
+}

@@ -371,9 +371,14 @@ async fn run_session(
     debug!(service = %shared.name, client.addr = %client, backend.addr = %session.endpoint, reason, "UDP session closed");
 }
 
-/// Relays queued replies without blocking. Returns the reason to end the session on a backend
-/// error, and the replies the service socket could not take at once (sent by the caller with a
-/// short wait; the rest stays queued in the kernel for the next wake-up).
+/// Relays one batch of queued replies without blocking. Returns the reason to end the session on
+/// a backend error, and the replies the service socket could not take at once (sent by the
+/// caller with a short wait).
+///
+/// One batch per wake-up: a backend that floods must not keep the thread from every other
+/// session and the listener. What stays queued is not lost: the socket was not read until it
+/// would block, so its readiness is still set and the session's next wait returns at once,
+/// after the others on this thread had their turn.
 type Relay = (Result<(), &'static str>, Vec<Vec<u8>>);
 
 fn relay_replies(
@@ -382,8 +387,9 @@ fn relay_replies(
     sock: &UdpSocket,
     shared: &Shared,
 ) -> Relay {
-    Batch::with(|batch| loop {
+    Batch::with(|batch| {
         let why = batch.fill(|buf| session.backend.try_recv(buf).map(|n| (n, client)));
+        let mut unsent = Vec::new();
         if !batch.items.is_empty() {
             session.touch();
             let datagrams: Vec<&[u8]> = batch
@@ -391,7 +397,7 @@ fn relay_replies(
                 .iter()
                 .map(|(_, r)| batch.bytes(r.clone()))
                 .collect();
-            let unsent = send_all(
+            unsent = send_all(
                 sock,
                 &datagrams,
                 Some(client),
@@ -399,17 +405,14 @@ fn relay_replies(
                 shared,
                 &shared.stats.bytes_to_client,
             );
-            if !unsent.is_empty() {
-                return (Ok(()), unsent);
-            }
         }
-        match why {
-            Fill::Drained => return (Ok(()), Vec::new()),
-            Fill::Full => batch.clear(),
+        let result = match why {
+            Fill::Drained | Fill::Full => Ok(()),
             Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                return (Err("backend refused"), Vec::new())
+                Err("backend refused")
             }
-            Fill::Failed(_) => return (Err("backend error"), Vec::new()),
-        }
+            Fill::Failed(_) => Err("backend error"),
+        };
+        (result, unsent)
     })
 }
