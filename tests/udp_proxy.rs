@@ -18,15 +18,24 @@ async fn udp_proxy(
     for i in 0..n_backends {
         backends.push(udp_backend(&format!("u{i}"), cancel.clone()).await);
     }
+    let (proxy, addr) = udp_proxy_to(extra, &backends).await;
+    (proxy, addr, cancel)
+}
+
+/// A proxy with one UDP service port (`dns/dns`) in front of these backends; returns its address.
+async fn udp_proxy_to(
+    extra: &str,
+    backends: &[std::net::SocketAddr],
+) -> (Proxy, std::net::SocketAddr) {
     let text = format!(
         "{}{}{}",
         header(extra),
         service("dns", "", &["dns:53/UDP"]),
-        slice("dns", "dns", "UDP", &backends)
+        slice("dns", "dns", "UDP", backends)
     );
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("dns", "dns").await;
-    (proxy, addr, cancel)
+    (proxy, addr)
 }
 
 #[tokio::test]
@@ -191,14 +200,7 @@ async fn a_backend_flood_is_relayed_in_order_without_starving_others() {
             }
         }
     });
-    let text = format!(
-        "{}{}{}",
-        header("udpIdleTimeout: 10s\n"),
-        service("dns", "", &["dns:53/UDP"]),
-        slice("dns", "dns", "UDP", &[backend_addr])
-    );
-    let proxy = Proxy::start(&text).await;
-    let addr = proxy.wait_port("dns", "dns").await;
+    let (proxy, addr) = udp_proxy_to("udpIdleTimeout: 10s\n", &[backend_addr]).await;
     let flooded = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     flooded.send_to(b"flood", addr).await.unwrap();
