@@ -11,7 +11,8 @@
 # Every address exists only inside these namespaces. Every load is bounded in time and count.
 # Output: bench/results/{raw.tsv,results.md,results.json,chart.svg}.
 # Environment: REPS (default 3), SECS (iperf seconds, default 4), IDLE_CONNS (default 9900),
-# RR_ROUNDS (interleaved request/response latency rounds, default 9),
+# RR_ROUNDS (interleaved request/response latency rounds, default 9), HALTPOLL_ROUNDS=0 (skip
+# the second set of latency rounds, with guest halt polling at the kernel default),
 # ONLY_TARGETS (e.g. "direct userspace-proxy haproxy"), ONLY_CP=1 (control plane only),
 # CP_SIZES (control-plane service counts, default "1000 10000"), ADD_REPS (one-more-service
 # measurements per size, default 3).
@@ -51,7 +52,10 @@ RAW=$OUT/raw.tsv
 printf "target\tmetric\tvalue\trep\n" > "$RAW"
 
 CL=upb-cl-$$ ND=upb-node-$$ SV=upb-srv-$$ CP=upb-cp-$$
+HALTPOLL=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+HALTPOLL_WAS=$(cat "$HALTPOLL" 2>/dev/null || true)
 cleanup() {
+  if [ -n "$HALTPOLL_WAS" ] && [ "$(cat "$HALTPOLL")" != "$HALTPOLL_WAS" ]; then echo "$HALTPOLL_WAS" > "$HALTPOLL"; fi
   for ns in $CL $ND $SV $CP; do
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
@@ -223,21 +227,38 @@ done
 
 # Request/response latency in short rounds that take turns between targets, each round starting
 # at the next target: a disturbance of this shared VM then lands on every target alike instead of
-# on one target's whole block, and the medians compare like with like.
-for round in $(seq 1 "$RR_ROUNDS"); do
-  echo "== latency round $round/$RR_ROUNDS"
-  for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
-    set -- ${TARGETS[$(((i + round) % ${#TARGETS[@]}))]}
-    name=$1 echo_addr=$3 udp=$4
-    if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
-    r=$(inns "$CL" "$LG" rr --target "$echo_addr" --count 5000 --size 100)
-    rec "$name" rr_p50_us "$(json "$r" p50_us)" "$round"; rec "$name" rr_p99_us "$(json "$r" p99_us)" "$round"
-    if [ "$udp" != - ]; then
-      r=$(inns "$CL" "$LG" udp-rr --target "$udp" --count 5000 --size 100)
-      rec "$name" udp_rr_p50_us "$(json "$r" p50_us)" "$round"; rec "$name" udp_rr_p99_us "$(json "$r" p99_us)" "$round"
-    fi
+# on one target's whole block, and the medians compare like with like. $1 is appended to each
+# metric's name.
+latency_rounds() {
+  local sfx=$1 round i
+  for round in $(seq 1 "$RR_ROUNDS"); do
+    echo "== latency round $round/$RR_ROUNDS${sfx:+ ($sfx)}"
+    for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
+      set -- ${TARGETS[$(((i + round) % ${#TARGETS[@]}))]}
+      name=$1 echo_addr=$3 udp=$4
+      if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
+      r=$(inns "$CL" "$LG" rr --target "$echo_addr" --count 5000 --size 100)
+      rec "$name" "rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
+      if [ "$udp" != - ]; then
+        r=$(inns "$CL" "$LG" udp-rr --target "$udp" --count 5000 --size 100)
+        rec "$name" "udp_rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "udp_rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
+      fi
+    done
   done
-done
+}
+latency_rounds ""
+
+# On a guest whose halt polling is off (guest_halt_poll_ns=0, as on these machines), every
+# wake-up of an idle vCPU is a halt exit to the host plus an inter-processor interrupt, about
+# 25 us: request/response latency then counts how many of a request's wake-ups cross vCPUs,
+# which is set by where the scheduler happened to put client, proxy and server, not by the proxy.
+# The same rounds again with the kernel's default poll window (200 us) measure the proxies
+# themselves. Every target gets the same setting; the old value is restored (also on exit).
+if [ -w "$HALTPOLL" ] && [ "${HALTPOLL_ROUNDS:-1}" != 0 ] && [ "$(cat "$HALTPOLL")" = 0 ]; then
+  echo 200000 > "$HALTPOLL"
+  latency_rounds _hp
+  echo "$HALTPOLL_WAS" > "$HALTPOLL"
+fi
 
 echo "== memory per idle proxied connection ($IDLE_CONNS connections)"
 for t in "${TARGETS[@]}"; do

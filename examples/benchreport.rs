@@ -20,6 +20,26 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("cpu_s_per_1k_conns", "proxy CPU per 1,000 conns (s)", false),
     ("udp_rr_p50_us", "UDP req/resp p50 (µs)", false),
     ("udp_rr_p99_us", "UDP req/resp p99 (µs)", false),
+    (
+        "rr_hp_p50_us",
+        "TCP req/resp p50, guest halt polling on (µs)",
+        false,
+    ),
+    (
+        "rr_hp_p99_us",
+        "TCP req/resp p99, guest halt polling on (µs)",
+        false,
+    ),
+    (
+        "udp_rr_hp_p50_us",
+        "UDP req/resp p50, guest halt polling on (µs)",
+        false,
+    ),
+    (
+        "udp_rr_hp_p99_us",
+        "UDP req/resp p99, guest halt polling on (µs)",
+        false,
+    ),
     ("udp_flood_pps", "UDP flood delivered (pkt/s)", true),
     ("udp_flood_loss", "UDP flood loss (fraction)", false),
     (
@@ -37,6 +57,8 @@ const CHART: &[&str] = &[
     "rr_p99_us",
     "crr_cps",
     "udp_rr_p50_us",
+    "rr_hp_p50_us",
+    "udp_rr_hp_p50_us",
     "udp_flood_pps",
 ];
 
@@ -147,7 +169,7 @@ fn main() {
     let mut md = String::from("# Benchmark results\n\n");
     let _ = writeln!(
         md,
-        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n",
+        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n\nRows marked *guest halt polling on* repeat the request/response rounds with the guest kernel's halt polling at its default window (`guest_halt_poll_ns=200000`; these machines ship it at 0). With it off, every wake-up of an idle vCPU costs a halt exit and an inter-processor interrupt (about 25 µs here), so the plain latency rows count how many of a request's four wake-ups the scheduler happened to place on the other vCPU; with it on, they measure the proxies. Every target gets the same setting in the same run.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat |\n|---|---|---|---|---|---|---|---|\n");
