@@ -83,6 +83,48 @@ async fn idle_sessions_expire() {
     cancel.cancel();
 }
 
+/// A session in use is never expired, however many idle timeouts its life spans: the idle timer
+/// fires at the deadline it was set to, and must then follow the traffic, not end the session.
+/// The backend answers with the address it was sent from, which is the session's own socket: a
+/// session replaced mid-way would show a second address.
+#[tokio::test]
+async fn a_session_in_use_outlives_its_idle_timeout() {
+    let cancel = CancellationToken::new();
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let from = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = backend.recv_from(&mut buf) => match r { Ok((_, from)) => from, Err(_) => continue },
+            };
+            let _ = backend
+                .send_to(format!("seen|{from}").as_bytes(), from)
+                .await;
+        }
+    });
+    let (proxy, addr) = udp_proxy_to("udpIdleTimeout: 500ms\n", &[backend_addr]).await;
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut sources = std::collections::BTreeSet::new();
+    // 15 exchanges 100 ms apart: 1.5 s, three idle timeouts.
+    for _ in 0..15 {
+        let (_, source) = udp_roundtrip(&c, addr, b"ping").await.expect("reply");
+        sources.insert(String::from_utf8(source).unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sources.len(),
+        1,
+        "the session was replaced while in use: {sources:?}"
+    );
+    let stats = proxy.port_status("dns", "dns").unwrap().stats.unwrap();
+    assert_eq!(stats.udp_sessions_active.load(Ordering::Relaxed), 1);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
 #[tokio::test]
 async fn a_60_kb_datagram_passes_intact() {
     let (proxy, addr, cancel) = udp_proxy("", 1).await;

@@ -98,10 +98,14 @@ pub(crate) async fn serve(
 ) {
     let table: Table = Arc::new(Mutex::new(HashMap::new()));
     let mut backoff = Duration::from_millis(5);
+    // Made once: a cancellation future built per wake-up would join and leave the token's
+    // waiter list (a lock each way) for every datagram.
+    let closed = accept.cancelled();
+    tokio::pin!(closed);
     loop {
         tokio::select! {
             biased;
-            _ = accept.cancelled() => break,
+            _ = &mut closed => break,
             r = sock.readable() => if let Err(e) = r {
                 debug!(service = %shared.name, error = %e, "UDP listener not readable");
                 tokio::time::sleep(backoff).await;
@@ -329,20 +333,28 @@ async fn run_session(
     kill: CancellationToken,
 ) {
     let idle = shared.udp_idle_timeout;
+    // Set up once per session, not per datagram: the cancellation futures stay registered, and
+    // the idle timer is lazy. Traffic only moves the session's deadline (an atomic store); the
+    // timer fires at the deadline it was set to, and is then set to the current one if the
+    // session was used meanwhile. A datagram costs no timer operation.
+    let (closed, stopped) = (accept.cancelled(), kill.cancelled());
+    let idle_timer = tokio::time::sleep_until(session.deadline(idle).into());
+    tokio::pin!(closed, stopped, idle_timer);
     let reason = loop {
-        let deadline = tokio::time::Instant::from_std(session.deadline(idle));
         tokio::select! {
-            _ = accept.cancelled() => break "listener closed",
-            _ = kill.cancelled() => break "shutdown",
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut closed => break "listener closed",
+            _ = &mut stopped => break "shutdown",
+            _ = &mut idle_timer => {
                 let mut map = lock(&table);
                 if !map.get(&client).is_some_and(|s| Arc::ptr_eq(s, &session)) {
                     break "replaced";
                 }
-                if Instant::now() >= session.deadline(idle) {
+                let deadline = session.deadline(idle);
+                if Instant::now() >= deadline {
                     map.remove(&client);
                     break "idle";
                 }
+                idle_timer.as_mut().reset(deadline.into());
             }
             r = session.backend.readable() => {
                 if let Err(e) = r {
