@@ -74,6 +74,8 @@ struct Jump {
     prepend: bool,
     full_args: &'static [&'static str],
     minimal_args: &'static [&'static str],
+    /// Shapes earlier versions installed: removed at start and by `--cleanup`.
+    legacy_args: &'static [&'static [&'static str]],
 }
 
 const JUMPS: &[Jump] = &[
@@ -84,6 +86,7 @@ const JUMPS: &[Jump] = &[
         prepend: true,
         full_args: &["-m", "comment", "--comment", PORTALS_COMMENT],
         minimal_args: &[],
+        legacy_args: &[],
     },
     Jump {
         table: "nat",
@@ -92,6 +95,7 @@ const JUMPS: &[Jump] = &[
         prepend: true,
         full_args: &["-m", "comment", "--comment", PORTALS_COMMENT],
         minimal_args: &[],
+        legacy_args: &[],
     },
     Jump {
         table: "nat",
@@ -109,6 +113,7 @@ const JUMPS: &[Jump] = &[
             NODEPORTS_COMMENT,
         ],
         minimal_args: &[],
+        legacy_args: &[],
     },
     Jump {
         table: "nat",
@@ -126,6 +131,7 @@ const JUMPS: &[Jump] = &[
             NODEPORTS_COMMENT,
         ],
         minimal_args: &[],
+        legacy_args: &[],
     },
     Jump {
         table: "filter",
@@ -134,15 +140,32 @@ const JUMPS: &[Jump] = &[
         prepend: true,
         full_args: &["-m", "comment", "--comment", NON_LOCAL_COMMENT],
         minimal_args: &[],
+        legacy_args: &[],
     },
-    // Inserted after NON-LOCAL's jump, at position 1, so the guard runs first.
+    // Inserted after NON-LOCAL's jump, at position 1, so the guard runs first. Only a flow's
+    // unanswered packets are checked: filter INPUT sees every packet, and the guard holds a rule
+    // per service port, so checking all of them put 10,000 rule evaluations on every packet to
+    // the node at 10,000 services (288 new connections/s against 4,161 without the guard).
+    // Skipping established flows loses nothing: a TCP connection starts with a packet in state
+    // NEW, which is dropped here unless a portal translated it, and a UDP flow stays NEW until
+    // it is answered, so every datagram of an unanswered flow is checked.
     Jump {
         table: "filter",
         chain: "INPUT",
         target: PROXY_GUARD,
         prepend: true,
-        full_args: &["-m", "comment", "--comment", GUARD_COMMENT],
+        full_args: &[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            GUARD_COMMENT,
+        ],
         minimal_args: &[],
+        legacy_args: &[&["-m", "comment", "--comment", GUARD_COMMENT]],
     },
 ];
 
@@ -461,8 +484,19 @@ impl Iptables {
         r
     }
 
+    /// Deletes every copy of the jump `j.chain [args] -j j.target`.
+    fn delete_jump(&self, j: &Jump, args: &[&str]) {
+        let mut del = vec!["-t", j.table, "-D", j.chain];
+        del.extend_from_slice(args);
+        del.extend_from_slice(&["-j", j.target]);
+        while self.ipt(&del).is_ok() {}
+    }
+
     fn ensure_jumps(&mut self) -> Result<()> {
         for j in JUMPS {
+            for legacy in j.legacy_args {
+                self.delete_jump(j, legacy);
+            }
             if j.target == PROXY_GUARD && self.shapes == Shapes::Minimal {
                 continue;
             }
@@ -650,11 +684,11 @@ impl Iptables {
 
     fn cleanup_jumps(&self) {
         for j in JUMPS {
-            for args in [j.full_args, j.minimal_args] {
-                let mut del = vec!["-t", j.table, "-D", j.chain];
-                del.extend_from_slice(args);
-                del.extend_from_slice(&["-j", j.target]);
-                while self.ipt(&del).is_ok() {}
+            for args in [j.full_args, j.minimal_args]
+                .into_iter()
+                .chain(j.legacy_args.iter().copied())
+            {
+                self.delete_jump(j, args);
             }
         }
     }
