@@ -120,6 +120,8 @@ const CONTROL_PLANE: &[(&str, &str, &str)] = &[
     ("program_nft_", "_s", "time to program {n} service ports from the file, nftables portals (start → last one answers), s"),
     ("program_", "_s", "time to program {n} service ports from the file, iptables portals (start → last one answers), s"),
     ("rss_", "_mib", "RSS with {n} service ports, MiB"),
+    ("crr_nft_at_", "_cps", "new connections per second through a service, with {n} present, nftables portals"),
+    ("crr_at_", "_cps", "new connections per second through a service, with {n} present, iptables portals"),
     ("add_one_api_at_", "_ms", "one more service answering, with {n} present (API create → first answer), ms"),
     ("add_one_nft_at_", "_ms", "one more service answering, with {n} present (file write + SIGHUP → first answer), nftables portals, ms"),
     ("add_one_at_", "_ms", "one more service answering, with {n} present (file write + SIGHUP → first answer), iptables portals, ms"),
@@ -152,8 +154,10 @@ fn main() {
         let Ok(v) = f[2].trim().parse::<f64>() else {
             continue;
         };
-        if f[1].starts_with("program_") || f[1].starts_with("rss_") || f[1].starts_with("add_one_")
-        {
+        let control_plane = CONTROL_PLANE
+            .iter()
+            .any(|(prefix, suffix, _)| f[1].starts_with(prefix) && f[1].ends_with(suffix));
+        if control_plane {
             extra.entry(f[1].to_string()).or_default().push(v);
         } else {
             values
