@@ -177,6 +177,8 @@ pub fn spawn(
     let accept = parent.child_token();
     let local_addr = match protocol {
         Protocol::Tcp => {
+            // Accepted connections inherit these: set once here, not on each one.
+            tcp::tune(socket2::SockRef::from(&socket));
             socket.listen(4096)?;
             let listener = tokio::net::TcpListener::from_std(socket.into())?;
             let local = listener.local_addr()?;

@@ -68,10 +68,11 @@ pub(crate) async fn accept_loop(
     debug!(service = %shared.name, "listener closed");
 }
 
-fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// `peer` is the accepted connection's peer address: it has the socket's own family, so it says
+/// which lookup applies without asking the kernel for the local address.
+fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let local = stream.local_addr()?;
-    let addr = if local.is_ipv4() {
+    let addr = if peer.is_ipv4() {
         sock.original_dst_v4()?
     } else {
         sock.original_dst_v6()?
@@ -80,14 +81,17 @@ fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("original destination is not an inet address"))
 }
 
-fn tune(stream: &TcpStream) {
-    // Latency first: request/response traffic must not wait on Nagle.
-    stream.set_nodelay(true).ok();
+/// Sets the options every proxied TCP socket has: no Nagle delay (request/response traffic must
+/// not wait on it) and keepalive. Set on a listening socket, they are inherited by every
+/// connection it accepts, so the client side costs no system call per connection; the backend
+/// side is set after each dial.
+pub(crate) fn tune(sock: SockRef<'_>) {
+    sock.set_tcp_nodelay(true).ok();
     let ka = TcpKeepalive::new()
         .with_time(KEEPALIVE)
         .with_interval(KEEPALIVE)
         .with_retries(4);
-    SockRef::from(stream).set_tcp_keepalive(&ka).ok();
+    sock.set_tcp_keepalive(&ka).ok();
 }
 
 /// Dials a backend for a client: up to four attempts with escalating timeouts, each on the next
@@ -125,7 +129,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: C
     let external = shared.external.load_full();
     // The portal the client used: only looked up when something depends on it.
     let dst = if allowed.is_some() || external.is_some() {
-        original_dst(&client).ok()
+        original_dst(&client, peer).ok()
     } else {
         None
     };
@@ -150,8 +154,8 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: C
     let Some((backend, endpoint)) = dial(&shared, balancer, peer).await else {
         return;
     };
-    tune(&client);
-    tune(&backend);
+    // The client side inherited its options from the listener.
+    tune(SockRef::from(&backend));
     let stats = &shared.stats;
     Stats::add(&stats.connections_total, 1);
     Stats::add(&stats.connections_active, 1);
@@ -170,5 +174,31 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: C
             debug!(service = %shared.name, client.addr = %peer, backend.addr = %endpoint, error = %e, "connection ended with an error")
         }
         None => debug!(service = %shared.name, client.addr = %peer, "connection cut at shutdown"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    /// What `serve` relies on: a connection accepted from a tuned listener has the listener's
+    /// options without being tuned itself.
+    #[test]
+    fn accepted_connections_inherit_the_listeners_options() {
+        let listener =
+            super::super::bind_socket(Protocol::Tcp, "127.0.0.1:0".parse().unwrap(), false)
+                .unwrap();
+        tune(SockRef::from(&listener));
+        listener.listen(16).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.tcp_nodelay().unwrap());
+        assert!(accepted.keepalive().unwrap());
+        assert_eq!(accepted.tcp_keepalive_time().unwrap(), KEEPALIVE);
+        assert_eq!(accepted.tcp_keepalive_interval().unwrap(), KEEPALIVE);
+        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 4);
     }
 }
