@@ -90,21 +90,10 @@ async fn idle_sessions_expire() {
 #[tokio::test]
 async fn a_session_in_use_outlives_its_idle_timeout() {
     let cancel = CancellationToken::new();
-    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let from = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = backend.recv_from(&mut buf) => match r { Ok((_, from)) => from, Err(_) => continue },
-            };
-            let _ = backend
-                .send_to(format!("seen|{from}").as_bytes(), from)
-                .await;
-        }
-    });
+    let backend_addr = udp_backend_replying(cancel.clone(), |_, from| {
+        vec![format!("seen|{from}").into_bytes()]
+    })
+    .await;
     let (proxy, addr) = udp_proxy_to("udpIdleTimeout: 500ms\n", &[backend_addr]).await;
     let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut sources = std::collections::BTreeSet::new();
@@ -223,25 +212,14 @@ async fn bursts_arrive_whole_and_in_order() {
 async fn a_backend_flood_is_relayed_in_order_without_starving_others() {
     const REPLIES: u32 = 200;
     let cancel = CancellationToken::new();
-    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let (n, from) = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = backend.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
-            };
-            if &buf[..n] == b"flood" {
-                for i in 0..REPLIES {
-                    let _ = backend.send_to(&i.to_be_bytes(), from).await;
-                }
-            } else {
-                let _ = backend.send_to(&buf[..n], from).await;
-            }
+    let backend_addr = udp_backend_replying(cancel.clone(), |datagram, _| {
+        if datagram == b"flood" {
+            (0..REPLIES).map(|i| i.to_be_bytes().to_vec()).collect()
+        } else {
+            vec![datagram.to_vec()]
         }
-    });
+    })
+    .await;
     let (proxy, addr) = udp_proxy_to("udpIdleTimeout: 10s\n", &[backend_addr]).await;
     let flooded = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -76,9 +76,22 @@ pub async fn tcp_backend(id: &str, cancel: CancellationToken) -> SocketAddr {
 
 /// A UDP backend: replies to each datagram with `<id>|` followed by the datagram.
 pub async fn udp_backend(id: &str, cancel: CancellationToken) -> SocketAddr {
+    let prefix = format!("{id}|").into_bytes();
+    udp_backend_replying(
+        cancel,
+        move |datagram, _| vec![[&prefix, datagram].concat()],
+    )
+    .await
+}
+
+/// A UDP backend on loopback that answers each datagram with what `reply` makes of it and of its
+/// source address (any number of datagrams, in order), until `cancel`.
+pub async fn udp_backend_replying(
+    cancel: CancellationToken,
+    reply: impl Fn(&[u8], SocketAddr) -> Vec<Vec<u8>> + Send + 'static,
+) -> SocketAddr {
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = s.local_addr().unwrap();
-    let prefix = format!("{id}|").into_bytes();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65_536];
         loop {
@@ -86,9 +99,9 @@ pub async fn udp_backend(id: &str, cancel: CancellationToken) -> SocketAddr {
                 _ = cancel.cancelled() => break,
                 r = s.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
             };
-            let mut reply = prefix.clone();
-            reply.extend_from_slice(&buf[..n]);
-            let _ = s.send_to(&reply, from).await;
+            for r in reply(&buf[..n], from) {
+                let _ = s.send_to(&r, from).await;
+            }
         }
     });
     addr
