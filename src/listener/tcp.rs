@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn accepted_connections_inherit_the_listeners_options() {
         let listener =
-            super::super::bind_socket(Protocol::Tcp, "127.0.0.1:0".parse().unwrap(), false)
+            crate::listener::bind_socket(Protocol::Tcp, "127.0.0.1:0".parse().unwrap(), false)
                 .unwrap();
         tune(SockRef::from(&listener));
         listener.listen(16).unwrap();

@@ -170,19 +170,7 @@ const JUMPS: &[Jump] = &[
             GUARD_COMMENT,
         ],
         minimal_args: &[],
-        legacy_args: &[
-            &["-m", "comment", "--comment", GUARD_COMMENT],
-            &[
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW",
-                "-m",
-                "comment",
-                "--comment",
-                GUARD_COMMENT,
-            ],
-        ],
+        legacy_args: &[&["-m", "comment", "--comment", GUARD_COMMENT]],
     },
 ];
 
@@ -511,9 +499,6 @@ impl Iptables {
 
     fn ensure_jumps(&mut self) -> Result<()> {
         for j in JUMPS {
-            for legacy in j.legacy_args {
-                self.delete_jump(j, legacy);
-            }
             if j.target == PROXY_GUARD && self.shapes == Shapes::Minimal {
                 continue;
             }
@@ -555,6 +540,12 @@ impl Iptables {
     /// # Errors
     /// iptables cannot be run or refuses even the minimal rules.
     pub fn init(&mut self) -> Result<()> {
+        // Jumps of the shapes an earlier version installed: once, here, not in every repair.
+        for j in JUMPS {
+            for legacy in j.legacy_args {
+                self.delete_jump(j, legacy);
+            }
+        }
         if self.mode == ExtensionsMode::Auto && !kernel_has_extensions() {
             warn!("netfilter extensions comment/addrtype/physdev/state/conntrack not all available; using minimal rule shapes");
             self.shapes = Shapes::Minimal;
