@@ -6,15 +6,13 @@
 //!   established TCP connections finish on their own (the original's behaviour, kept);
 //! - `kill`, shared by every listener, cancelled when the program stops after its grace period.
 //!
-//! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them,
-//! and runs on a data-plane worker thread ([`workers`]), not on the control plane's runtime.
+//! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them.
 
 mod gso;
 pub mod splice;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
-mod workers;
 
 use std::collections::HashSet;
 use std::io;
@@ -161,8 +159,8 @@ pub fn bind_socket(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::
     Ok(socket)
 }
 
-/// Starts a listener for `shared.name` on `addr`, with its tasks on `tracker`, run by the
-/// data-plane workers ([`workers`]). `kill` is the program-wide hard-stop token.
+/// Starts a listener for `shared.name` on `addr`, with its tasks on `tracker`. `kill` is the
+/// program-wide hard-stop token.
 ///
 /// # Errors
 /// The socket cannot be bound.
@@ -175,36 +173,31 @@ pub fn spawn(
     parent: &CancellationToken,
     kill: &CancellationToken,
 ) -> io::Result<Handle> {
+    let socket = bind_socket(protocol, addr, freebind)?;
     let accept = parent.child_token();
     let local_addr = match protocol {
         Protocol::Tcp => {
-            let sockets = tcp_group(addr, freebind, workers::workers().all().len())?;
-            let local = sockets[0]
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("listening socket has no inet address"))?;
-            for (socket, worker) in sockets.into_iter().zip(workers::workers().all()) {
-                // Register the socket with this worker's reactor, and run its tasks there.
-                let _enter = worker.enter();
-                let listener = tokio::net::TcpListener::from_std(socket.into())?;
-                let serve = tcp::accept_loop(
-                    listener,
-                    shared.clone(),
-                    tracker.clone(),
-                    accept.clone(),
-                    kill.clone(),
-                );
-                tracker.spawn_on(serve, worker);
-            }
+            // Accepted connections inherit these: set once here, not on each one.
+            tcp::tune(socket2::SockRef::from(&socket));
+            socket.listen(4096)?;
+            let listener = tokio::net::TcpListener::from_std(socket.into())?;
+            let local = listener.local_addr()?;
+            tracker.spawn(tcp::accept_loop(
+                listener,
+                shared.clone(),
+                tracker.clone(),
+                accept.clone(),
+                kill.clone(),
+            ));
             local
         }
         Protocol::Udp => {
-            let socket = bind_socket(protocol, addr, freebind)?;
             // Bursts of datagrams must not be dropped by a small default buffer.
             socket.set_recv_buffer_size(4 << 20).ok();
             socket.set_send_buffer_size(4 << 20).ok();
-            let worker = workers::workers().next();
-            let _enter = worker.enter();
+            let handle = udp::runtime();
+            // Register the socket with the UDP thread's reactor, and run its tasks there.
+            let _enter = handle.enter();
             let sock = tokio::net::UdpSocket::from_std(socket.into())?;
             let local = sock.local_addr()?;
             let serve = udp::serve(
@@ -214,7 +207,7 @@ pub fn spawn(
                 accept.clone(),
                 kill.clone(),
             );
-            tracker.spawn_on(serve, worker);
+            tracker.spawn_on(serve, handle);
             local
         }
     };
@@ -223,27 +216,6 @@ pub fn spawn(
         shared,
         accept,
     })
-}
-
-/// `n` listening TCP sockets on one address, in one `SO_REUSEPORT` group: the kernel gives each
-/// new connection to one of them by a hash of its addresses. With port 0 the first socket's
-/// kernel-chosen port is used for the rest.
-fn tcp_group(addr: SocketAddr, freebind: bool, n: usize) -> io::Result<Vec<Socket>> {
-    let mut sockets = Vec::with_capacity(n);
-    let mut at = addr;
-    for _ in 0..n.max(1) {
-        let socket = bind_socket(Protocol::Tcp, at, freebind)?;
-        if at.port() == 0 {
-            if let Some(bound) = socket.local_addr()?.as_socket() {
-                at.set_port(bound.port());
-            }
-        }
-        // Accepted connections inherit these: set once here, not on each one.
-        tcp::tune(socket2::SockRef::from(&socket));
-        socket.listen(4096)?;
-        sockets.push(socket);
-    }
-    Ok(sockets)
 }
 
 /// True for errors that mean "out of file descriptors or buffers": these are waited out, never
