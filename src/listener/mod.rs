@@ -6,13 +6,15 @@
 //!   established TCP connections finish on their own (the original's behaviour, kept);
 //! - `kill`, shared by every listener, cancelled when the program stops after its grace period.
 //!
-//! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them.
+//! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them,
+//! and runs on a data-plane worker thread ([`workers`]), not on the control plane's runtime.
 
 mod gso;
 pub mod splice;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
+mod workers;
 
 use std::collections::HashSet;
 use std::io;
@@ -159,8 +161,8 @@ pub fn bind_socket(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::
     Ok(socket)
 }
 
-/// Starts a listener for `shared.name` on `addr`, with its tasks on `tracker`. `kill` is the
-/// program-wide hard-stop token.
+/// Starts a listener for `shared.name` on `addr`, with its tasks on `tracker`, run by the next
+/// data-plane worker in turn ([`workers`]). `kill` is the program-wide hard-stop token.
 ///
 /// # Errors
 /// The socket cannot be bound.
@@ -175,6 +177,9 @@ pub fn spawn(
 ) -> io::Result<Handle> {
     let socket = bind_socket(protocol, addr, freebind)?;
     let accept = parent.child_token();
+    let worker = workers::workers().next();
+    // Register the socket with this worker's reactor, and run its tasks there.
+    let _enter = worker.enter();
     let local_addr = match protocol {
         Protocol::Tcp => {
             // Accepted connections inherit these: set once here, not on each one.
@@ -182,22 +187,20 @@ pub fn spawn(
             socket.listen(4096)?;
             let listener = tokio::net::TcpListener::from_std(socket.into())?;
             let local = listener.local_addr()?;
-            tracker.spawn(tcp::accept_loop(
+            let serve = tcp::accept_loop(
                 listener,
                 shared.clone(),
                 tracker.clone(),
                 accept.clone(),
                 kill.clone(),
-            ));
+            );
+            tracker.spawn_on(serve, worker);
             local
         }
         Protocol::Udp => {
             // Bursts of datagrams must not be dropped by a small default buffer.
             socket.set_recv_buffer_size(4 << 20).ok();
             socket.set_send_buffer_size(4 << 20).ok();
-            let handle = udp::runtime();
-            // Register the socket with the UDP thread's reactor, and run its tasks there.
-            let _enter = handle.enter();
             let sock = tokio::net::UdpSocket::from_std(socket.into())?;
             let local = sock.local_addr()?;
             let serve = udp::serve(
@@ -207,7 +210,7 @@ pub fn spawn(
                 accept.clone(),
                 kill.clone(),
             );
-            tracker.spawn_on(serve, handle);
+            tracker.spawn_on(serve, worker);
             local
         }
     };

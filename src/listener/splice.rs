@@ -20,10 +20,11 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Mutex, OnceLock};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::{recv, MsgFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -160,7 +161,7 @@ async fn copy_chunk(src: &TcpStream, dst: &TcpStream) -> io::Result<usize> {
     loop {
         let step = COPY.with(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
             let mut buf = buf.borrow_mut();
-            let n = match src.try_read(&mut buf) {
+            let n = match read_once(src, &mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
@@ -192,6 +193,29 @@ async fn copy_chunk(src: &TcpStream, dst: &TcpStream) -> io::Result<usize> {
     }
 }
 
+/// Reads what `src` has, like `try_read`. A read that does not fill `buf` has emptied the
+/// socket's receive queue, so the socket's readiness is cleared at once: the next wait goes
+/// straight to the reactor instead of through one more `recv` that fails with `EAGAIN` (nginx
+/// does the same). Nothing is missed: data that arrives later is a new readiness event, which
+/// the clear does not erase (tokio matches it by tick), and a FIN that came with the data
+/// leaves read-closed readiness, which a clear keeps.
+fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let res = src.try_io(Interest::READABLE, || {
+        let n = recv(src.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // WouldBlock is how `try_io` is told to clear readiness.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (res, short) {
+        (_, Some(n)) => Ok(n),
+        (res, None) => res,
+    }
+}
+
 /// Relays both directions until both have ended; returns bytes (client→backend,
 /// backend→client).
 ///
@@ -199,4 +223,48 @@ async fn copy_chunk(src: &TcpStream, dst: &TcpStream) -> io::Result<usize> {
 /// An I/O error in either direction (the other is then abandoned).
 pub async fn relay(client: &TcpStream, backend: &TcpStream) -> io::Result<(u64, u64)> {
     tokio::try_join!(pump(client, backend), pump(backend, client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two connected loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// A short message and the FIN right behind it usually arrive in one readiness event; the
+    /// short read clears readiness, and the end must still be seen (read-closed survives the
+    /// clear). Repeated, since the two can also arrive as separate events.
+    #[tokio::test]
+    async fn a_short_message_and_its_fin_both_get_through() {
+        for round in 0..50u32 {
+            let (mut client, client_side) = pair().await;
+            let (backend_side, mut backend) = pair().await;
+            let relay = tokio::spawn(async move { relay(&client_side, &backend_side).await });
+            let msg = format!("reply {round}");
+            backend.write_all(msg.as_bytes()).await.unwrap();
+            backend.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+                .await
+                .expect("the FIN reached the client")
+                .unwrap();
+            assert_eq!(got, msg.as_bytes());
+            client.shutdown().await.unwrap();
+            let (up, down) = tokio::time::timeout(Duration::from_secs(5), relay)
+                .await
+                .expect("the relay ended")
+                .unwrap()
+                .unwrap();
+            assert_eq!((up, down), (0, msg.len() as u64));
+        }
+    }
 }

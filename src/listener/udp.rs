@@ -26,25 +26,6 @@ use tracing::{debug, warn};
 use super::gso::{self, Batch, Fill, Sent};
 use super::{is_resource_exhaustion, Shared, Stats};
 
-/// The runtime UDP listeners and their sessions run on: one dedicated thread with a
-/// current-thread runtime. A datagram and its reply then never cross worker threads: the
-/// thread blocks in epoll and runs the woken task itself, as an event-loop proxy does.
-pub(crate) fn runtime() -> &'static tokio::runtime::Handle {
-    static RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("UDP runtime");
-        let handle = rt.handle().clone();
-        std::thread::Builder::new()
-            .name("udp-proxy".into())
-            .spawn(move || rt.block_on(std::future::pending::<()>()))
-            .expect("UDP thread");
-        handle
-    })
-}
-
 #[derive(Debug)]
 struct Session {
     backend: UdpSocket,
