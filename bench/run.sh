@@ -12,7 +12,8 @@
 # Output: bench/results/{raw.tsv,results.md,results.json,chart.svg}.
 # Environment: REPS (default 3), SECS (iperf seconds, default 4), IDLE_CONNS (default 9900),
 # RR_ROUNDS (interleaved request/response latency rounds, default 9), HALTPOLL_ROUNDS=0 (skip
-# the second set of latency rounds, with guest halt polling at the kernel default),
+# the second set of latency rounds, with guest halt polling at the kernel default), PIN_ROUNDS=0
+# (skip the third, with every party on CPU 0),
 # ONLY_TARGETS (e.g. "direct userspace-proxy haproxy"), ONLY_CP=1 (control plane only),
 # CP_SIZES (control-plane service counts, default "1000 10000"), ADD_REPS (one-more-service
 # measurements per size, default 3).
@@ -114,6 +115,14 @@ subsets:
 EOF
 inns "$ND" bash -c "ulimit -n $(ulimit -Hn); exec $BIN --config $WORK/proxy.yaml" 2>"$WORK/proxy.log" &
 
+# The same proxy with the bind portal (service IP on lo, no netfilter on the path), for the
+# column that shows what the NAT portal costs. A copy of the binary under another name, so that
+# its CPU and memory are counted apart; it touches no netfilter rule, so the two coexist.
+cp "$BIN" "$WORK/up-bind"
+sed -e 's/^hostnameOverride: bench-node/hostnameOverride: bench-node\nportalMode: bind/' \
+    -e 's/clusterIP: 10.96.0.10/clusterIP: 10.96.0.11/' "$WORK/proxy.yaml" > "$WORK/proxy-bind.yaml"
+inns "$ND" bash -c "ulimit -n $(ulimit -Hn); exec $WORK/up-bind --config $WORK/proxy-bind.yaml" 2>"$WORK/proxy-bind.log" &
+
 cat > "$WORK/haproxy.cfg" <<EOF
 global
   maxconn 9900
@@ -162,6 +171,7 @@ TARGETS=(
   "haproxy 10.10.1.1:15201 10.10.1.1:19000 - haproxy"
   "nginx 10.10.1.1:25201 10.10.1.1:29000 10.10.1.1:29001 nginx"
   "socat 10.10.1.1:35201 10.10.1.1:39000 10.10.1.1:39001 socat"
+  "userspace-proxy-bind 10.96.0.11:5201 10.96.0.11:9000 10.96.0.11:9001 up-bind"
 )
 
 # CPU seconds (user+sys, including reaped children) of every process named $1 in the node ns.
@@ -241,15 +251,16 @@ latency_rounds() {
       set -- ${TARGETS[$(((i + round) % ${#TARGETS[@]}))]}
       name=$1 echo_addr=$3 udp=$4
       if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
-      r=$(inns "$CL" "$LG" rr --target "$echo_addr" --count 5000 --size 100)
+      r=$(inns "$CL" $CLIENT_PIN "$LG" rr --target "$echo_addr" --count 5000 --size 100)
       rec "$name" "rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
       if [ "$udp" != - ]; then
-        r=$(inns "$CL" "$LG" udp-rr --target "$udp" --count 5000 --size 100)
+        r=$(inns "$CL" $CLIENT_PIN "$LG" udp-rr --target "$udp" --count 5000 --size 100)
         rec "$name" "udp_rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "udp_rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
       fi
     done
   done
 }
+CLIENT_PIN=""
 latency_rounds ""
 
 # On a guest whose halt polling is off (guest_halt_poll_ns=0, as on these machines), every
@@ -262,6 +273,24 @@ if [ -w "$HALTPOLL" ] && [ "${HALTPOLL_ROUNDS:-1}" != 0 ] && [ "$(cat "$HALTPOLL
   echo 200000 > "$HALTPOLL"
   latency_rounds _hp
   echo "$HALTPOLL_WAS" > "$HALTPOLL"
+fi
+
+# The same rounds once more with every party on CPU 0: client, proxies, peers and server. No
+# wake-up then crosses vCPUs, whatever the halt-polling setting, so the rows measure the work
+# on a request's path alone. Threads and processes made later (socat's children) inherit the
+# mask; every mask is given back afterwards.
+set_affinity() {
+  local ns pid
+  for ns in $ND $SV; do
+    for pid in $(ip netns pids "$ns"); do taskset -apc "$1" "$pid" >/dev/null 2>&1 || true; done
+  done
+}
+if [ "${PIN_ROUNDS:-1}" != 0 ]; then
+  set_affinity 0
+  CLIENT_PIN="taskset -c 0"
+  latency_rounds _pin
+  CLIENT_PIN=""
+  set_affinity "0-$(($(nproc) - 1))"
 fi
 
 echo "== memory per idle proxied connection ($IDLE_CONNS connections)"

@@ -5,7 +5,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-const TARGETS: [&str; 5] = ["direct", "userspace-proxy", "haproxy", "nginx", "socat"];
+const TARGETS: [&str; 6] = [
+    "direct",
+    "userspace-proxy",
+    "haproxy",
+    "nginx",
+    "socat",
+    "userspace-proxy-bind",
+];
+/// The same proxy with `portalMode: bind` (service IP on `lo`, no netfilter on the path): shown
+/// beside the main column, so the price of the NAT portal is visible on its own.
+const BIND: &str = "userspace-proxy-bind";
 const PEERS: [&str; 3] = ["haproxy", "nginx", "socat"];
 
 /// (metric, label, higher is better)
@@ -40,6 +50,26 @@ const METRICS: &[(&str, &str, bool)] = &[
         "UDP req/resp p99, guest halt polling on (µs)",
         false,
     ),
+    (
+        "rr_pin_p50_us",
+        "TCP req/resp p50, all on one CPU (µs)",
+        false,
+    ),
+    (
+        "rr_pin_p99_us",
+        "TCP req/resp p99, all on one CPU (µs)",
+        false,
+    ),
+    (
+        "udp_rr_pin_p50_us",
+        "UDP req/resp p50, all on one CPU (µs)",
+        false,
+    ),
+    (
+        "udp_rr_pin_p99_us",
+        "UDP req/resp p99, all on one CPU (µs)",
+        false,
+    ),
     ("udp_flood_pps", "UDP flood delivered (pkt/s)", true),
     ("udp_flood_loss", "UDP flood loss (fraction)", false),
     (
@@ -59,6 +89,8 @@ const CHART: &[&str] = &[
     "udp_rr_p50_us",
     "rr_hp_p50_us",
     "udp_rr_hp_p50_us",
+    "rr_pin_p50_us",
+    "udp_rr_pin_p50_us",
     "udp_flood_pps",
 ];
 
@@ -173,14 +205,13 @@ fn main() {
     let mut md = String::from("# Benchmark results\n\n");
     let _ = writeln!(
         md,
-        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n\nRows marked *guest halt polling on* repeat the request/response rounds with the guest kernel's halt polling at its default window (`guest_halt_poll_ns=200000`; these machines ship it at 0). With it off, every wake-up of an idle vCPU costs a halt exit and an inter-processor interrupt (about 25 µs here), so the plain latency rows count how many of a request's four wake-ups the scheduler happened to place on the other vCPU; with it on, they measure the proxies. Every target gets the same setting in the same run.\n",
+        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n\nRows marked *guest halt polling on* repeat the request/response rounds with the guest kernel's halt polling at its default window (`guest_halt_poll_ns=200000`; these machines ship it at 0). With it off, every wake-up of an idle vCPU costs a halt exit and an inter-processor interrupt (about 25 µs here), so the plain latency rows count how many of a request's four wake-ups the scheduler happened to place on the other vCPU; with it on, they measure the proxies. Every target gets the same setting in the same run.\n\nRows marked *all on one CPU* repeat them (halt polling as shipped) with the client, the proxies and the server pinned to CPU 0: no wake-up crosses vCPUs, so the figure is the work on the request's path, without the scheduler's placement.\n\nThe column *bind portal* is userspace-proxy again with `portalMode: bind` (the service IP on `lo`, no netfilter on the path), beside the main column's NAT portal (PREROUTING REDIRECT), so the price of the NAT is visible on its own.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat | bind portal | bind ×best peer |\n|---|---|---|---|---|---|---|---|---|---|\n");
     let mut json_rows = Vec::new();
     for (metric, label, higher) in METRICS {
         let cell = |t: &str| get(t, metric).map_or_else(|| "–".into(), cell);
-        let ours = get("userspace-proxy", metric);
         let direct = get("direct", metric);
         let best_peer = PEERS
             .iter()
@@ -190,13 +221,13 @@ fn main() {
                     .partial_cmp(&relative(b.1, 1.0, *higher))
                     .unwrap()
             });
-        let vs_direct = match (ours, direct) {
+        let vs_direct = match (get("userspace-proxy", metric), direct) {
             (Some(o), Some(d)) if o.median > 0.0 && d.median > 0.0 => {
                 format!("{:.2}", relative(o.median, d.median, *higher))
             }
             _ => "–".into(),
         };
-        let vs_peer = match (ours, best_peer) {
+        let vs_peer = |ours: Option<Stat>| match (ours, best_peer) {
             (Some(o), Some((p, v))) if o.median > 0.0 && v > 0.0 => {
                 format!("{:.2} ({p})", relative(o.median, v, *higher))
             }
@@ -204,12 +235,15 @@ fn main() {
         };
         let _ = writeln!(
             md,
-            "| {label} | {} | {} | {vs_direct} | {vs_peer} | {} | {} | {} |",
+            "| {label} | {} | {} | {vs_direct} | {} | {} | {} | {} | {} | {} |",
             cell("direct"),
             cell("userspace-proxy"),
+            vs_peer(get("userspace-proxy", metric)),
             cell("haproxy"),
             cell("nginx"),
-            cell("socat")
+            cell("socat"),
+            cell(BIND),
+            vs_peer(get(BIND, metric)),
         );
         let row: Vec<String> = TARGETS
             .iter()
@@ -255,8 +289,8 @@ fn main() {
 }
 
 fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
-    let series = ["userspace-proxy", "haproxy", "nginx", "socat"];
-    let colors = ["#d9480f", "#1c7ed6", "#2f9e44", "#868e96"];
+    let series = ["userspace-proxy", BIND, "haproxy", "nginx", "socat"];
+    let colors = ["#d9480f", "#f59f00", "#1c7ed6", "#2f9e44", "#868e96"];
     let (w, h, left, top, bottom) = (960.0, 470.0, 130.0, 60.0, 130.0);
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / CHART.len() as f64;
@@ -311,7 +345,7 @@ fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
         );
     }
     for (si, name) in series.iter().enumerate() {
-        let x = left + si as f64 * 150.0;
+        let x = left + si as f64 * 165.0;
         let _ = writeln!(s, "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{name}</text>", colors[si], x + 16.0);
     }
     s.push_str("</svg>\n");
