@@ -1,5 +1,5 @@
 //! TCP through real listeners over loopback: round robin, dial retry, no endpoints, half-close,
-//! ClientIP affinity.
+//! ClientIP affinity, many connections open at once on one port.
 
 mod common;
 
@@ -144,6 +144,55 @@ async fn client_ip_affinity_pins_to_one_backend() {
             "same client IP, same backend"
         );
     }
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+/// Enough connections open at once on one port that the accepting event loop hands some to the
+/// others (on a machine with more than one CPU): every one of them still relays both ways, and
+/// each gets its own replies.
+#[tokio::test]
+async fn many_connections_open_at_once_all_relay() {
+    let cancel = CancellationToken::new();
+    let echo = tcp_backend("e", cancel.clone()).await;
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", &[echo])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("web", "http").await;
+    let mut conns = Vec::new();
+    for _ in 0..48 {
+        let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let mut hello = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut hello))
+            .await
+            .expect("greeting in time")
+            .unwrap();
+        assert_eq!(&hello, b"e\n");
+        conns.push(s);
+    }
+    for round in 0..3u32 {
+        for (i, s) in conns.iter_mut().enumerate() {
+            let msg = format!("conn {i} round {round}");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+                .await
+                .expect("echo in time")
+                .unwrap();
+            assert_eq!(back, msg.as_bytes());
+        }
+    }
+    let stats = proxy.port_status("web", "http").unwrap().stats.unwrap();
+    assert_eq!(stats.connections_total.load(Ordering::Relaxed), 48);
+    assert_eq!(stats.connections_active.load(Ordering::Relaxed), 48);
+    drop(conns);
     proxy.stop().await;
     cancel.cancel();
 }

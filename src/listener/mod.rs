@@ -177,7 +177,7 @@ pub fn spawn(
 ) -> io::Result<Handle> {
     let socket = bind_socket(protocol, addr, freebind)?;
     let accept = parent.child_token();
-    let worker = workers::workers().next();
+    let (home, worker) = workers::workers().next();
     // Register the socket with this worker's reactor, and run its tasks there.
     let _enter = worker.enter();
     let local_addr = match protocol {
@@ -189,6 +189,7 @@ pub fn spawn(
             let local = listener.local_addr()?;
             let serve = tcp::accept_loop(
                 listener,
+                home,
                 shared.clone(),
                 tracker.clone(),
                 accept.clone(),

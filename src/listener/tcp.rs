@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::workers::{workers, Load};
 use super::{is_resource_exhaustion, Shared, Stats, DIAL_TIMEOUTS};
 use crate::balancer::Balancer;
 
@@ -32,6 +33,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// spinning or crashing.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
+    home: usize,
     shared: Arc<Shared>,
     tracker: TaskTracker,
     accept: CancellationToken,
@@ -47,7 +49,31 @@ pub(crate) async fn accept_loop(
         match res {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                tracker.spawn(serve(stream, peer, shared.clone(), kill.clone()));
+                let (elsewhere, load) = workers().assign(home);
+                let Some(worker) = elsewhere else {
+                    tracker.spawn(serve(stream, peer, shared.clone(), kill.clone(), load));
+                    continue;
+                };
+                // Handed to a less loaded worker: the socket moves to that worker's reactor.
+                let (shared, kill) = (shared.clone(), kill.clone());
+                match stream.into_std() {
+                    Ok(std) => {
+                        tracker.spawn_on(
+                            async move {
+                                match TcpStream::from_std(std) {
+                                    Ok(stream) => serve(stream, peer, shared, kill, load).await,
+                                    Err(e) => {
+                                        debug!(service = %shared.name, client.addr = %peer, error = %e, "could not take over a connection")
+                                    }
+                                }
+                            },
+                            worker,
+                        );
+                    }
+                    Err(e) => {
+                        debug!(service = %shared.name, client.addr = %peer, error = %e, "could not hand over a connection")
+                    }
+                }
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 Stats::add(&shared.stats.accept_errors, 1);
@@ -124,7 +150,15 @@ async fn dial(
     None
 }
 
-async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, kill: CancellationToken) {
+/// Serves one accepted connection; `_load` counts it against the worker it runs on until it
+/// ends.
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    kill: CancellationToken,
+    _load: Load,
+) {
     let allowed = shared.allowed.load_full();
     let external = shared.external.load_full();
     // The portal the client used: only looked up when something depends on it.

@@ -8,14 +8,17 @@
 //! worker and every wake-up for it runs on that worker's thread: the scheduler learns one thread
 //! per connection, and a datagram or request never crosses threads inside the proxy.
 //!
-//! How work is spread: each service port has one socket, given to the workers in turn, and
-//! the connections (or UDP sessions) it accepts are served by the same worker, with no hand-off.
-//! Not one socket per worker in a `SO_REUSEPORT` group, which would spread one busy port over
-//! every core: that multiplies the listening sockets by the CPU count, and 10,000 service ports
-//! on 2 CPUs then need 20,000 descriptors, past the 20,000 `RLIMIT_NOFILE` these hosts allow
-//! (measured: programming 10,000 ports went from 1 s to 190 s, waiting out `EMFILE`). A single
-//! port is still served at 13.9 Gbit/s by one worker, since splice leaves the copying to the
-//! kernel.
+//! How work is spread: each service port has one socket, given to the workers in turn; UDP
+//! sessions are served by the worker that owns their port. A TCP connection is served by the
+//! worker that accepted it unless that worker already serves [`SLACK`] or more connections
+//! than the least loaded one; then it is handed to that one (as HAProxy's threads pass accepted
+//! connections to the least loaded thread). So a lone request/response connection never
+//! crosses threads, and one busy port still spreads over every core.
+//!
+//! Not one socket per worker in a `SO_REUSEPORT` group, which would spread a port in the
+//! kernel: that multiplies the listening sockets by the CPU count, and 10,000 service ports on
+//! 2 CPUs then need 20,000 descriptors, past the 20,000 `RLIMIT_NOFILE` these hosts allow
+//! (measured: programming 10,000 ports went from 1 s to 190 s, waiting out `EMFILE`).
 //!
 //! The threads live as long as the process; each listener's tasks stop with its tokens.
 
@@ -24,10 +27,25 @@ use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
 
+/// How many more connections the accepting worker may serve than the least loaded one before
+/// a new connection is handed over. A hand-off costs waking the other thread and moving the
+/// socket between reactors (2 `epoll_ctl`): with a slack of 2, 4 concurrent short connections
+/// on 2 CPUs were handed back and forth, and cost 0.062 s of CPU per 1,000 connections instead
+/// of 0.056 (11,900 conn/s instead of 12,400). A worker that cannot keep up accumulates
+/// connections, so a larger slack still spreads a saturated port.
+pub(crate) const SLACK: usize = 8;
+
+/// One data-plane runtime and the TCP connections it serves now.
+#[derive(Debug)]
+struct Worker {
+    handle: Handle,
+    connections: AtomicUsize,
+}
+
 /// The data-plane runtimes.
 #[derive(Debug)]
 pub(crate) struct Workers {
-    handles: Vec<Handle>,
+    workers: Vec<Worker>,
     next: AtomicUsize,
 }
 
@@ -37,9 +55,35 @@ fn count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Which worker serves a connection accepted by `home`, given each worker's connections: `home`
+/// unless it serves `SLACK` or more than the least loaded (the first of equals), which then
+/// does.
+pub(crate) fn place(home: usize, loads: &[usize]) -> usize {
+    let Some((least, &min)) = loads.iter().enumerate().min_by_key(|&(_, l)| *l) else {
+        return home;
+    };
+    if loads.get(home).is_some_and(|&h| h >= min + SLACK) {
+        least
+    } else {
+        home
+    }
+}
+
+/// A connection counted against its worker until dropped.
+#[derive(Debug)]
+pub(crate) struct Load {
+    worker: &'static Worker,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.worker.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Workers {
     fn start(n: usize) -> Workers {
-        let handles = (0..n.max(1))
+        let workers = (0..n.max(1))
             .map(|i| {
                 // I/O and timers only: no signal or child-process driver, whose orphan reaping
                 // would otherwise run on every park (seen in perf on the request path).
@@ -53,19 +97,36 @@ impl Workers {
                     .name(format!("proxy-worker-{i}"))
                     .spawn(move || rt.block_on(std::future::pending::<()>()))
                     .expect("data-plane thread");
-                handle
+                Worker {
+                    handle,
+                    connections: AtomicUsize::new(0),
+                }
             })
             .collect();
         Workers {
-            handles,
+            workers,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The next worker in turn, for a listener that one worker serves.
-    pub(crate) fn next(&self) -> &Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.handles[i % self.handles.len()]
+    /// The next worker in turn (its index and runtime), for a new listener.
+    pub(crate) fn next(&self) -> (usize, &Handle) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        (i, &self.workers[i].handle)
+    }
+
+    /// Where a connection accepted by worker `home` is served ([`place`]): `None` for `home`
+    /// itself, else the runtime to hand it to. It counts there until the [`Load`] is dropped.
+    pub(crate) fn assign(&'static self, home: usize) -> (Option<&'static Handle>, Load) {
+        let loads: Vec<usize> = self
+            .workers
+            .iter()
+            .map(|w| w.connections.load(Ordering::Relaxed))
+            .collect();
+        let at = place(home, &loads);
+        let worker = &self.workers[at];
+        worker.connections.fetch_add(1, Ordering::Relaxed);
+        ((at != home).then_some(&worker.handle), Load { worker })
     }
 }
 
@@ -93,7 +154,7 @@ mod tests {
     #[test]
     fn listeners_go_round_the_workers() {
         let w = Workers::start(3);
-        let turns: Vec<_> = (0..6).map(|_| thread_of(w.next())).collect();
+        let turns: Vec<_> = (0..6).map(|_| thread_of(w.next().1)).collect();
         assert_eq!(
             turns,
             [
@@ -110,7 +171,44 @@ mod tests {
     #[test]
     fn there_is_always_a_worker() {
         let w = Workers::start(0);
-        assert_eq!(thread_of(w.next()), "proxy-worker-0");
-        assert_eq!(thread_of(w.next()), "proxy-worker-0");
+        assert_eq!(thread_of(w.next().1), "proxy-worker-0");
+        assert_eq!(thread_of(w.next().1), "proxy-worker-0");
+    }
+
+    #[test]
+    fn a_connection_stays_home_unless_home_is_busier_by_the_slack() {
+        assert_eq!(place(0, &[0, 0]), 0);
+        assert_eq!(place(1, &[0, 0]), 1);
+        assert_eq!(place(0, &[SLACK - 1, 0]), 0);
+        assert_eq!(place(0, &[SLACK, 0]), 1);
+        assert_eq!(place(0, &[SLACK, 1]), 0);
+        // To the least loaded, the first of equals.
+        assert_eq!(place(2, &[3, 1, SLACK + 1, 1]), 1);
+        assert_eq!(place(0, &[]), 0);
+        assert_eq!(place(0, &[7]), 0);
+    }
+
+    /// Connections accepted by one worker spread until the loads are within the slack, and a
+    /// finished connection stops counting.
+    #[test]
+    fn assigned_connections_spread_and_are_released() {
+        let w: &'static Workers = Box::leak(Box::new(Workers::start(2)));
+        let n = 3 * SLACK;
+        let held: Vec<(Option<&Handle>, Load)> = (0..n).map(|_| w.assign(0)).collect();
+        let loads: Vec<usize> = w
+            .workers
+            .iter()
+            .map(|x| x.connections.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(loads.iter().sum::<usize>(), n);
+        assert!(loads[0].abs_diff(loads[1]) <= SLACK, "{loads:?}");
+        let handed: Vec<String> = held.iter().filter_map(|(h, _)| h.map(thread_of)).collect();
+        assert!(!handed.is_empty());
+        assert!(handed.iter().all(|t| t == "proxy-worker-1"), "{handed:?}");
+        drop(held);
+        assert!(w
+            .workers
+            .iter()
+            .all(|x| x.connections.load(Ordering::Relaxed) == 0));
     }
 }
