@@ -138,6 +138,8 @@ pub fn render(st: &Status) -> String {
         st.ports.values().filter(|p| p.error.is_none()).count() as f64,
     );
 
+    workers(&mut out, &crate::listener::worker_status());
+
     type Field = fn(&Stats) -> &std::sync::atomic::AtomicU64;
     let families: [(&str, &str, &str, Field); 10] = [
         (
@@ -218,6 +220,33 @@ pub fn render(st: &Status) -> String {
     out
 }
 
+/// The data-plane event loops: how the TCP load sits on them, and how often a busy one handed
+/// a connection over (`src/listener/workers.rs`).
+fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
+    let _ = writeln!(
+        out,
+        "# HELP userspace_proxy_worker_connections TCP connections each data-plane event loop serves\n# TYPE userspace_proxy_worker_connections gauge"
+    );
+    for (i, w) in status.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "userspace_proxy_worker_connections{{worker=\"{i}\"}} {}",
+            w.connections
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP userspace_proxy_worker_connections_taken_total Connections a busier event loop handed to this one\n# TYPE userspace_proxy_worker_connections_taken_total counter"
+    );
+    for (i, w) in status.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "userspace_proxy_worker_connections_taken_total{{worker=\"{i}\"}} {}",
+            w.taken
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +266,25 @@ mod tests {
     }
 
     #[test]
+    fn workers_render_one_sample_each() {
+        let mut out = String::new();
+        let w = |connections, taken| crate::listener::WorkerStatus { connections, taken };
+        workers(&mut out, &[w(3, 0), w(1, 7)]);
+        assert!(
+            out.contains("userspace_proxy_worker_connections{worker=\"0\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_worker_connections{worker=\"1\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_worker_connections_taken_total{worker=\"1\"} 7\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn empty_status_renders_every_family() {
         let out = render(&Status::default());
         for family in [
@@ -248,6 +296,8 @@ mod tests {
             "kubeproxy_sync_proxy_rules_endpoint_changes_total",
             "userspace_proxy_connections_total",
             "userspace_proxy_udp_sessions_active",
+            "userspace_proxy_worker_connections",
+            "userspace_proxy_worker_connections_taken_total",
         ] {
             assert!(
                 out.contains(&format!("# TYPE {family} ")),

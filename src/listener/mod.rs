@@ -16,6 +16,8 @@ pub mod tcp;
 pub mod udp;
 mod workers;
 
+pub use workers::{status as worker_status, WorkerStatus};
+
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;

@@ -22,7 +22,7 @@
 //!
 //! The threads live as long as the process; each listener's tasks stop with its tokens.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
@@ -40,6 +40,17 @@ pub(crate) const SLACK: usize = 8;
 struct Worker {
     handle: Handle,
     connections: AtomicUsize,
+    /// Connections other workers accepted and handed to this one.
+    taken: AtomicU64,
+}
+
+/// What the metrics show of one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// TCP connections it serves now.
+    pub connections: usize,
+    /// Connections handed to it by busier workers, since start.
+    pub taken: u64,
 }
 
 /// The data-plane runtimes.
@@ -100,6 +111,7 @@ impl Workers {
                 Worker {
                     handle,
                     connections: AtomicUsize::new(0),
+                    taken: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -126,14 +138,34 @@ impl Workers {
         let at = place(home, &loads);
         let worker = &self.workers[at];
         worker.connections.fetch_add(1, Ordering::Relaxed);
+        if at != home {
+            worker.taken.fetch_add(1, Ordering::Relaxed);
+        }
         ((at != home).then_some(&worker.handle), Load { worker })
+    }
+
+    fn status(&self) -> Vec<WorkerStatus> {
+        self.workers
+            .iter()
+            .map(|w| WorkerStatus {
+                connections: w.connections.load(Ordering::Relaxed),
+                taken: w.taken.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 }
 
+static WORKERS: OnceLock<Workers> = OnceLock::new();
+
 /// The process's workers, started on first use.
 pub(crate) fn workers() -> &'static Workers {
-    static WORKERS: OnceLock<Workers> = OnceLock::new();
     WORKERS.get_or_init(|| Workers::start(count()))
+}
+
+/// Each worker's load, for the metrics; empty until a listener has started them (reading does
+/// not start them).
+pub fn status() -> Vec<WorkerStatus> {
+    WORKERS.get().map(Workers::status).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -204,6 +236,10 @@ mod tests {
         assert!(loads[0].abs_diff(loads[1]) <= SLACK, "{loads:?}");
         let handed: Vec<String> = held.iter().filter_map(|(h, _)| h.map(thread_of)).collect();
         assert!(!handed.is_empty());
+        let status = w.status();
+        assert_eq!(status[0].taken, 0);
+        assert_eq!(status[1].taken, handed.len() as u64);
+        assert_eq!(status[1].connections, loads[1]);
         assert!(handed.iter().all(|t| t == "proxy-worker-1"), "{handed:?}");
         drop(held);
         assert!(w
