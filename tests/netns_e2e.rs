@@ -275,6 +275,46 @@ impl World {
         run("ip", &all)
     }
 
+    /// What a failed restart leaves to go on: the kernel's count of queued connections it
+    /// could (not) move to the new listener, and what each proxy logged about refusing,
+    /// dialling or closing connections, and its warnings.
+    fn restart_evidence(&self) -> String {
+        let mut out = String::new();
+        if let Ok(o) = self.exec(
+            &self.node,
+            &[
+                "nstat",
+                "-az",
+                "TcpExtTCPMigrateReqSuccess",
+                "TcpExtTCPMigrateReqFailure",
+            ],
+        ) {
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        for i in 0..self.children.len() {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("proxy{i}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "WARN",
+                        "ERROR",
+                        "refused",
+                        "dial",
+                        "no endpoints",
+                        "accept failed",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .take(20)
+                .collect();
+            out.push_str(&format!("proxy{i}:\n{}\n", lines.join("\n")));
+        }
+        out
+    }
+
     fn exec(&self, ns: &str, args: &[&str]) -> Result<Output, String> {
         let mut all = vec!["netns", "exec", ns];
         all.extend_from_slice(args);
@@ -1101,8 +1141,9 @@ fn restart_under_load(ipt: &str) -> Result<(), String> {
     );
     check!(
         failed == 0,
-        "{failed} of {} connections failed across the restart: {rest:?}",
-        ok + failed
+        "{failed} of {} connections failed across the restart: {rest:?}\n{}",
+        ok + failed,
+        w.restart_evidence()
     );
     check!(
         ok > 20,
