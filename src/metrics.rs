@@ -223,27 +223,26 @@ pub fn render(st: &Status) -> String {
 /// The data-plane event loops: how the TCP load sits on them, and how often a busy one handed
 /// a connection over (`src/listener/workers.rs`).
 fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
-    let _ = writeln!(
-        out,
-        "# HELP userspace_proxy_worker_connections TCP connections each data-plane event loop serves\n# TYPE userspace_proxy_worker_connections gauge"
-    );
-    for (i, w) in status.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "userspace_proxy_worker_connections{{worker=\"{i}\"}} {}",
-            w.connections
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP userspace_proxy_worker_connections_taken_total Connections a busier event loop handed to this one\n# TYPE userspace_proxy_worker_connections_taken_total counter"
-    );
-    for (i, w) in status.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "userspace_proxy_worker_connections_taken_total{{worker=\"{i}\"}} {}",
-            w.taken
-        );
+    type Field = fn(&crate::listener::WorkerStatus) -> u64;
+    let families: [(&str, &str, &str, Field); 2] = [
+        (
+            "userspace_proxy_worker_connections",
+            "gauge",
+            "TCP connections each data-plane event loop serves",
+            |w| w.connections as u64,
+        ),
+        (
+            "userspace_proxy_worker_connections_taken_total",
+            "counter",
+            "Connections a busier event loop handed to this one",
+            |w| w.taken,
+        ),
+    ];
+    for (name, kind, help, field) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, w) in status.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", field(w));
+        }
     }
 }
 

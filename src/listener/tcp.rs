@@ -49,29 +49,13 @@ pub(crate) async fn accept_loop(
         match res {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let (elsewhere, load) = workers().assign(home);
-                let Some(worker) = elsewhere else {
-                    tracker.spawn(serve(stream, peer, shared.clone(), kill.clone(), load));
-                    continue;
-                };
-                // Handed to a less loaded worker: the socket moves to that worker's reactor.
                 let (shared, kill) = (shared.clone(), kill.clone());
-                match stream.into_std() {
-                    Ok(std) => {
-                        tracker.spawn_on(
-                            async move {
-                                match TcpStream::from_std(std) {
-                                    Ok(stream) => serve(stream, peer, shared, kill, load).await,
-                                    Err(e) => {
-                                        debug!(service = %shared.name, client.addr = %peer, error = %e, "could not take over a connection")
-                                    }
-                                }
-                            },
-                            worker,
-                        );
+                match workers().assign(home) {
+                    (None, load) => {
+                        tracker.spawn(serve(stream, peer, shared, kill, load));
                     }
-                    Err(e) => {
-                        debug!(service = %shared.name, client.addr = %peer, error = %e, "could not hand over a connection")
+                    (Some(worker), load) => {
+                        hand_over(stream, peer, shared, kill, load, &tracker, worker);
                     }
                 }
             }
@@ -92,6 +76,35 @@ pub(crate) async fn accept_loop(
         }
     }
     debug!(service = %shared.name, "listener closed");
+}
+
+/// Serves an accepted connection on another, less loaded worker: the socket leaves this
+/// worker's reactor and joins that one's.
+fn hand_over(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    kill: CancellationToken,
+    load: Load,
+    tracker: &TaskTracker,
+    worker: &tokio::runtime::Handle,
+) {
+    let std = match stream.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            debug!(service = %shared.name, client.addr = %peer, error = %e, "could not hand over a connection");
+            return;
+        }
+    };
+    let serve_there = async move {
+        match TcpStream::from_std(std) {
+            Ok(stream) => serve(stream, peer, shared, kill, load).await,
+            Err(e) => {
+                debug!(service = %shared.name, client.addr = %peer, error = %e, "could not take over a connection")
+            }
+        }
+    };
+    tracker.spawn_on(serve_there, worker);
 }
 
 /// `peer` is the accepted connection's peer address: it has the socket's own family, so it says

@@ -68,15 +68,21 @@ fn count() -> usize {
 
 /// Which worker serves a connection accepted by `home`, given each worker's connections: `home`
 /// unless it serves `SLACK` or more than the least loaded (the first of equals), which then
-/// does.
-pub(crate) fn place(home: usize, loads: &[usize]) -> usize {
-    let Some((least, &min)) = loads.iter().enumerate().min_by_key(|&(_, l)| *l) else {
-        return home;
-    };
-    if loads.get(home).is_some_and(|&h| h >= min + SLACK) {
-        least
-    } else {
-        home
+/// does. Takes the loads as they are read, so a connection's placement allocates nothing.
+pub(crate) fn place(home: usize, loads: impl IntoIterator<Item = usize>) -> usize {
+    let mut at_home = None;
+    let mut least: Option<(usize, usize)> = None;
+    for (i, load) in loads.into_iter().enumerate() {
+        if i == home {
+            at_home = Some(load);
+        }
+        if least.is_none_or(|(_, min)| load < min) {
+            least = Some((i, load));
+        }
+    }
+    match (at_home, least) {
+        (Some(h), Some((i, min))) if h >= min + SLACK => i,
+        _ => home,
     }
 }
 
@@ -130,18 +136,18 @@ impl Workers {
     /// Where a connection accepted by worker `home` is served ([`place`]): `None` for `home`
     /// itself, else the runtime to hand it to. It counts there until the [`Load`] is dropped.
     pub(crate) fn assign(&'static self, home: usize) -> (Option<&'static Handle>, Load) {
-        let loads: Vec<usize> = self
+        let loads = self
             .workers
             .iter()
-            .map(|w| w.connections.load(Ordering::Relaxed))
-            .collect();
-        let at = place(home, &loads);
+            .map(|w| w.connections.load(Ordering::Relaxed));
+        let at = place(home, loads);
         let worker = &self.workers[at];
         worker.connections.fetch_add(1, Ordering::Relaxed);
-        if at != home {
+        let elsewhere = (at != home).then(|| {
             worker.taken.fetch_add(1, Ordering::Relaxed);
-        }
-        ((at != home).then_some(&worker.handle), Load { worker })
+            &worker.handle
+        });
+        (elsewhere, Load { worker })
     }
 
     fn status(&self) -> Vec<WorkerStatus> {
@@ -209,15 +215,15 @@ mod tests {
 
     #[test]
     fn a_connection_stays_home_unless_home_is_busier_by_the_slack() {
-        assert_eq!(place(0, &[0, 0]), 0);
-        assert_eq!(place(1, &[0, 0]), 1);
-        assert_eq!(place(0, &[SLACK - 1, 0]), 0);
-        assert_eq!(place(0, &[SLACK, 0]), 1);
-        assert_eq!(place(0, &[SLACK, 1]), 0);
+        assert_eq!(place(0, [0, 0]), 0);
+        assert_eq!(place(1, [0, 0]), 1);
+        assert_eq!(place(0, [SLACK - 1, 0]), 0);
+        assert_eq!(place(0, [SLACK, 0]), 1);
+        assert_eq!(place(0, [SLACK, 1]), 0);
         // To the least loaded, the first of equals.
-        assert_eq!(place(2, &[3, 1, SLACK + 1, 1]), 1);
-        assert_eq!(place(0, &[]), 0);
-        assert_eq!(place(0, &[7]), 0);
+        assert_eq!(place(2, [3, 1, SLACK + 1, 1]), 1);
+        assert_eq!(place(0, [0usize; 0]), 0);
+        assert_eq!(place(0, [7]), 0);
     }
 
     /// Connections accepted by one worker spread until the loads are within the slack, and a
