@@ -7,6 +7,8 @@
 # direct:          client -> 10.10.2.2 (forwarded by the node, no proxy)
 # userspace-proxy: client -> ClusterIP 10.96.0.10 -> PREROUTING REDIRECT -> proxy -> server
 # peers:           client -> 10.10.1.1:<peer port> -> peer -> server
+# bind portal:     client -> 10.96.0.11 (on the node's lo) -> userspace-proxy -> server
+# nginx-nat:       client -> 10.96.0.12 -> PREROUTING REDIRECT -> nginx -> server
 #
 # Every address exists only inside these namespaces. Every load is bounded in time and count.
 # Output: bench/results/{raw.tsv,results.md,results.json,chart.svg}.
@@ -160,6 +162,17 @@ stream {
 EOF
 inns "$ND" bash -c "ulimit -n $(ulimit -Hn); exec nginx -c $WORK/nginx.conf" >/dev/null 2>&1 &
 
+# nginx once more, behind a NAT portal like the main column's: a service IP REDIRECTed to its
+# listeners (a chain of the bench's own; the proxy never touches it). A user who puts a peer in
+# front of a Kubernetes service needs such a rule too, so this is the like-for-like figure for
+# the NAT portal, measured in the same run: what the portal costs any proxy.
+inns "$ND" iptables -t nat -N BENCH-PEER-PORTAL
+inns "$ND" iptables -t nat -A PREROUTING -j BENCH-PEER-PORTAL
+for r in "tcp 5201 25201" "tcp 9000 29000" "udp 9001 29001"; do
+  set -- $r
+  inns "$ND" iptables -t nat -A BENCH-PEER-PORTAL -d 10.96.0.12/32 -p "$1" --dport "$2" -j REDIRECT --to-ports "$3"
+done
+
 inns "$ND" socat TCP4-LISTEN:35201,bind=10.10.1.1,fork,reuseaddr TCP4:10.10.2.2:5201 &
 inns "$ND" socat TCP4-LISTEN:39000,bind=10.10.1.1,fork,reuseaddr TCP4:10.10.2.2:9000 &
 inns "$ND" socat UDP4-LISTEN:39001,bind=10.10.1.1,fork,reuseaddr UDP4:10.10.2.2:9001 &
@@ -172,6 +185,7 @@ TARGETS=(
   "nginx 10.10.1.1:25201 10.10.1.1:29000 10.10.1.1:29001 nginx"
   "socat 10.10.1.1:35201 10.10.1.1:39000 10.10.1.1:39001 socat"
   "userspace-proxy-bind 10.96.0.11:5201 10.96.0.11:9000 10.96.0.11:9001 up-bind"
+  "nginx-nat 10.96.0.12:5201 10.96.0.12:9000 10.96.0.12:9001 nginx"
 )
 
 # CPU seconds (user+sys, including reaped children) of every process named $1 in the node ns.
@@ -298,6 +312,7 @@ for t in "${TARGETS[@]}"; do
   set -- $t
   name=$1 echo_addr=$3 proc=$5
   case "$proc" in -|socat) continue ;; esac   # socat forks a process per connection
+  [ "$name" = nginx-nat ] && continue   # the same nginx processes as the nginx row; NAT is in the kernel
   if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
   m0=$(rss_of "$proc")
   coproc HOLD { inns "$CL" bash -c "ulimit -n $(ulimit -Hn); exec $LG hold --target $echo_addr --conns $IDLE_CONNS --secs 120"; }

@@ -5,17 +5,22 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
     "direct",
     "userspace-proxy",
     "haproxy",
     "nginx",
     "socat",
     "userspace-proxy-bind",
+    "nginx-nat",
 ];
 /// The same proxy with `portalMode: bind` (service IP on `lo`, no netfilter on the path): shown
 /// beside the main column, so the price of the NAT portal is visible on its own.
 const BIND: &str = "userspace-proxy-bind";
+/// nginx behind a NAT portal like the main column's (a service IP REDIRECTed to it): the
+/// like-for-like comparison for the main column. Not one of `PEERS`, which listen on the node's
+/// address with no NAT on their path.
+const NGINX_NAT: &str = "nginx-nat";
 const PEERS: [&str; 3] = ["haproxy", "nginx", "socat"];
 
 /// (metric, label, higher is better)
@@ -205,10 +210,10 @@ fn main() {
     let mut md = String::from("# Benchmark results\n\n");
     let _ = writeln!(
         md,
-        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n\nRows marked *guest halt polling on* repeat the request/response rounds with the guest kernel's halt polling at its default window (`guest_halt_poll_ns=200000`; these machines ship it at 0). With it off, every wake-up of an idle vCPU costs a halt exit and an inter-processor interrupt (about 25 µs here), so the plain latency rows count how many of a request's four wake-ups the scheduler happened to place on the other vCPU; with it on, they measure the proxies. Every target gets the same setting in the same run.\n\nRows marked *all on one CPU* repeat them (halt polling as shipped) with the client, the proxies and the server pinned to CPU 0: no wake-up crosses vCPUs, so the figure is the work on the request's path, without the scheduler's placement.\n\nThe column *bind portal* is userspace-proxy again with `portalMode: bind` (the service IP on `lo`, no netfilter on the path), beside the main column's NAT portal (PREROUTING REDIRECT), so the price of the NAT is visible on its own.\n",
+        "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n\nRows marked *guest halt polling on* repeat the request/response rounds with the guest kernel's halt polling at its default window (`guest_halt_poll_ns=200000`; these machines ship it at 0). With it off, every wake-up of an idle vCPU costs a halt exit and an inter-processor interrupt (about 25 µs here), so the plain latency rows count how many of a request's four wake-ups the scheduler happened to place on the other vCPU; with it on, they measure the proxies. Every target gets the same setting in the same run.\n\nRows marked *all on one CPU* repeat them (halt polling as shipped) with the client, the proxies and the server pinned to CPU 0: no wake-up crosses vCPUs, so the figure is the work on the request's path, without the scheduler's placement.\n\nThe column *bind portal* is userspace-proxy again with `portalMode: bind` (the service IP on `lo`, no netfilter on the path), beside the main column's NAT portal (PREROUTING REDIRECT), so the price of the NAT is visible on its own. The column *nginx, NAT portal* is the same nginx reached the way the main column is, through a service IP that PREROUTING REDIRECTs to it, and `×nginx NAT` compares the main column with it: like with like, since a peer put in front of a Kubernetes service needs such a rule too.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat | bind portal | bind ×best peer |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| metric | direct | userspace-proxy | ×direct | ×best peer | haproxy | nginx | socat | bind portal | bind ×best peer | nginx, NAT portal | ×nginx NAT |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut json_rows = Vec::new();
     for (metric, label, higher) in METRICS {
         let cell = |t: &str| get(t, metric).map_or_else(|| "–".into(), cell);
@@ -233,9 +238,15 @@ fn main() {
             }
             _ => "–".into(),
         };
+        let vs_nat = match (get("userspace-proxy", metric), get(NGINX_NAT, metric)) {
+            (Some(o), Some(n)) if o.median > 0.0 && n.median > 0.0 => {
+                format!("{:.2}", relative(o.median, n.median, *higher))
+            }
+            _ => "–".into(),
+        };
         let _ = writeln!(
             md,
-            "| {label} | {} | {} | {vs_direct} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {vs_direct} | {} | {} | {} | {} | {} | {} | {} | {vs_nat} |",
             cell("direct"),
             cell("userspace-proxy"),
             vs_peer(get("userspace-proxy", metric)),
@@ -244,6 +255,7 @@ fn main() {
             cell("socat"),
             cell(BIND),
             vs_peer(get(BIND, metric)),
+            cell(NGINX_NAT),
         );
         let row: Vec<String> = TARGETS
             .iter()
@@ -289,8 +301,17 @@ fn main() {
 }
 
 fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
-    let series = ["userspace-proxy", BIND, "haproxy", "nginx", "socat"];
-    let colors = ["#d9480f", "#f59f00", "#1c7ed6", "#2f9e44", "#868e96"];
+    let series = [
+        "userspace-proxy",
+        BIND,
+        "haproxy",
+        "nginx",
+        "socat",
+        NGINX_NAT,
+    ];
+    let colors = [
+        "#d9480f", "#f59f00", "#1c7ed6", "#2f9e44", "#868e96", "#8ce99a",
+    ];
     let (w, h, left, top, bottom) = (960.0, 470.0, 130.0, 60.0, 130.0);
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / CHART.len() as f64;
@@ -345,7 +366,7 @@ fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
         );
     }
     for (si, name) in series.iter().enumerate() {
-        let x = left + si as f64 * 165.0;
+        let x = left + si as f64 * 135.0;
         let _ = writeln!(s, "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{name}</text>", colors[si], x + 16.0);
     }
     s.push_str("</svg>\n");
