@@ -365,9 +365,11 @@ fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
             label.replace('&', "&amp;")
         );
     }
+    // Each legend entry as wide as its name (about 7 px a character at this font size).
+    let mut x = left;
     for (si, name) in series.iter().enumerate() {
-        let x = left + si as f64 * 135.0;
         let _ = writeln!(s, "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{name}</text>", colors[si], x + 16.0);
+        x += 16.0 + 7.0 * name.len() as f64 + 20.0;
     }
     s.push_str("</svg>\n");
     s
