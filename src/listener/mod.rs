@@ -28,6 +28,7 @@ use arc_swap::ArcSwapOption;
 use socket2::{Domain, Socket, Type};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use crate::balancer::Balancer;
 use crate::model::{Protocol, ServicePortName};
@@ -163,6 +164,64 @@ pub fn bind_socket(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::
     Ok(socket)
 }
 
+/// How a listener's socket is bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bind {
+    /// A proxy port of our own.
+    Own,
+    /// An address that need not be on the node yet (`bind` portal mode: `IP_FREEBIND`).
+    Free,
+    /// The proxy port a previous run's rules point at, whose listener may still be open in the
+    /// process we replace: join its `SO_REUSEPORT` group and take its new connections
+    /// ([`take_new_connections`]).
+    Adopt,
+}
+
+/// Index of an adopting listener in its `SO_REUSEPORT` group: a predecessor has one socket per
+/// proxy port, and the kernel appends a socket to the group when it starts listening.
+const ADOPTER_INDEX: u32 = 1;
+
+/// Makes the kernel hand every new connection (TCP) or datagram (UDP) for this socket's port to
+/// the socket at `index` of its `SO_REUSEPORT` group, instead of spreading them over the group
+/// by a hash of the client's address: a one-instruction classic BPF program, set for the whole
+/// group. For TCP the socket must already listen (that is when it joins the group).
+///
+/// Why: the process being replaced then gets nothing new. Its accept loop empties its queue,
+/// and by the time it closes its listener nothing is left to migrate to ours
+/// (`tcp_migrate_req`), where a connection could be reset if the close races the handshake;
+/// its UDP socket's queue is empty too, where datagrams would be lost at the close (there is no
+/// migration for UDP). An index past the group's end (the predecessor has already gone, and
+/// ours is the only socket) makes the kernel fall back to the hash, which then has one socket
+/// to choose.
+fn take_new_connections(socket: &Socket, index: u32) -> io::Result<()> {
+    use nix::libc::{sock_filter, sock_fprog, BPF_K, BPF_RET};
+    let mut program = [sock_filter {
+        code: (BPF_RET | BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let fprog = sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::AttachReusePortCbpf,
+        &fprog,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Takes an adopted proxy port's new traffic from the predecessor ([`take_new_connections`]).
+/// Not fatal when refused: the kernel then spreads new traffic over both processes, and the
+/// predecessor's TCP queue migrates to us when it closes.
+fn take_over(socket: &Socket, shared: &Shared) {
+    if let Err(e) = take_new_connections(socket, ADOPTER_INDEX) {
+        warn!(service = %shared.name, error = %e, "cannot steer new traffic to the adopted proxy port");
+    }
+}
+
 /// Starts a listener for `shared.name` on `addr`, with its tasks on `tracker`, run by the next
 /// data-plane worker in turn ([`workers`]). `kill` is the program-wide hard-stop token.
 ///
@@ -171,13 +230,13 @@ pub fn bind_socket(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::
 pub fn spawn(
     protocol: Protocol,
     addr: SocketAddr,
-    freebind: bool,
+    bind: Bind,
     shared: Arc<Shared>,
     tracker: &TaskTracker,
     parent: &CancellationToken,
     kill: &CancellationToken,
 ) -> io::Result<Handle> {
-    let socket = bind_socket(protocol, addr, freebind)?;
+    let socket = bind_socket(protocol, addr, bind == Bind::Free)?;
     let accept = parent.child_token();
     let (home, worker) = workers::workers().next();
     // Register the socket with this worker's reactor, and run its tasks there.
@@ -187,6 +246,9 @@ pub fn spawn(
             // Accepted connections inherit these: set once here, not on each one.
             tcp::tune(socket2::SockRef::from(&socket));
             socket.listen(4096)?;
+            if bind == Bind::Adopt {
+                take_over(&socket, &shared);
+            }
             let listener = tokio::net::TcpListener::from_std(socket.into())?;
             let local = listener.local_addr()?;
             let serve = tcp::accept_loop(
@@ -204,6 +266,9 @@ pub fn spawn(
             // Bursts of datagrams must not be dropped by a small default buffer.
             socket.set_recv_buffer_size(4 << 20).ok();
             socket.set_send_buffer_size(4 << 20).ok();
+            if bind == Bind::Adopt {
+                take_over(&socket, &shared);
+            }
             let sock = tokio::net::UdpSocket::from_std(socket.into())?;
             let local = sock.local_addr()?;
             let serve = udp::serve(
@@ -229,4 +294,93 @@ pub fn spawn(
 pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12).
     matches!(e.raw_os_error(), Some(24) | Some(23) | Some(105) | Some(12))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+
+    /// Accepts what `listener` has queued; returns how many.
+    fn drain(listener: &Socket) -> usize {
+        let mut n = 0;
+        while listener.accept().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    fn listening(addr: SocketAddr) -> Socket {
+        let s = bind_socket(Protocol::Tcp, addr, false).unwrap();
+        s.listen(64).unwrap();
+        s
+    }
+
+    /// The restart hand-over: once the adopting listener takes new connections, the
+    /// predecessor's queue gets none, so it has nothing to migrate when it closes; after it has
+    /// gone, the adopter still gets every connection (an index past the group's end falls back
+    /// to the hash). Without the program the kernel spreads them over both, which shows that
+    /// the program, not chance, sent them all to one (32 connections all hashed to one socket:
+    /// a chance of 2^-31).
+    #[test]
+    fn an_adopting_listener_takes_every_new_connection() {
+        let old = listening("127.0.0.1:0".parse().unwrap());
+        let addr = old.local_addr().unwrap().as_socket().unwrap();
+        let new = listening(addr);
+        let connect = |n: usize| -> Vec<TcpStream> {
+            (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect()
+        };
+
+        let _spread = connect(32);
+        let (to_old, to_new) = (drain(&old), drain(&new));
+        assert_eq!(to_old + to_new, 32);
+        assert!(
+            to_old > 0 && to_new > 0,
+            "without steering the kernel spreads connections: old {to_old}, new {to_new}"
+        );
+
+        take_new_connections(&new, ADOPTER_INDEX).unwrap();
+        let _steered = connect(32);
+        assert_eq!((drain(&old), drain(&new)), (0, 32));
+
+        drop(old);
+        let _alone = connect(8);
+        assert_eq!(drain(&new), 8);
+    }
+
+    /// Datagrams from a socket; returns how many.
+    fn received(socket: &Socket) -> usize {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        let mut n = 0;
+        while socket.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    /// The same for a UDP port: after the take-over the predecessor's socket receives nothing,
+    /// so nothing is left in its queue to lose when it closes.
+    #[test]
+    fn an_adopting_udp_socket_takes_every_new_datagram() {
+        let old = bind_socket(Protocol::Udp, "127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = old.local_addr().unwrap().as_socket().unwrap();
+        let new = bind_socket(Protocol::Udp, addr, false).unwrap();
+        // Each from its own client port, so the hash has 32 different flows to spread.
+        let send = |n: usize| {
+            for _ in 0..n {
+                let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.send_to(b"x", addr).unwrap();
+            }
+        };
+        send(32);
+        let (to_old, to_new) = (received(&old), received(&new));
+        assert_eq!(to_old + to_new, 32);
+        assert!(
+            to_old > 0 && to_new > 0,
+            "without steering the kernel spreads flows: old {to_old}, new {to_new}"
+        );
+        take_new_connections(&new, ADOPTER_INDEX).unwrap();
+        send(32);
+        assert_eq!((received(&old), received(&new)), (0, 32));
+    }
 }

@@ -379,7 +379,7 @@ impl Proxier {
                 let h = listener::spawn(
                     spec.protocol,
                     *addr,
-                    true,
+                    listener::Bind::Free,
                     shared.clone(),
                     &self.tracker,
                     &self.listeners,
@@ -402,7 +402,7 @@ impl Proxier {
             // The port a previous run's rules point at, if it can be bound (SO_REUSEPORT lets us
             // join a predecessor that is still draining).
             let adopted = previous.and_then(|port| {
-                listener::spawn(spec.protocol, SocketAddr::new(bind, port), false, shared.clone(), tracker, listeners, kill)
+                listener::spawn(spec.protocol, SocketAddr::new(bind, port), listener::Bind::Adopt, shared.clone(), tracker, listeners, kill)
                     .map_err(|e| debug!(service = %spec.name, port, error = %e, "cannot adopt the previous proxy port"))
                     .ok()
             });
@@ -415,7 +415,7 @@ impl Proxier {
                         listener::spawn(
                             spec.protocol,
                             SocketAddr::new(bind, port),
-                            false,
+                            listener::Bind::Own,
                             shared.clone(),
                             tracker,
                             listeners,
