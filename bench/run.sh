@@ -198,6 +198,20 @@ cpu_of() {
   done
   echo "scale=3; $total / $(getconf CLK_TCK)" | bc
 }
+# User and system CPU ticks (including reaped children) of every process named $1 in the node
+# ns, as "user sys".
+cpu_split_of() {
+  [ "$1" = - ] && { echo "0 0"; return; }
+  local u=0 s=0 pid
+  for pid in $(ip netns pids "$ND"); do
+    [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
+    read -r pu ps < <(awk '{print $14+$16, $15+$17}' /proc/$pid/stat 2>/dev/null || echo "0 0")
+    u=$((u + pu)); s=$((s + ps))
+  done
+  echo "$u $s"
+}
+# Busy CPU ticks of the whole machine (every CPU, every process, interrupts included).
+machine_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 # Resident memory in KiB of every process named $1 in the node ns.
 rss_of() {
   local total=0 pid
@@ -236,12 +250,21 @@ for rep in $(seq 1 "$REPS"); do
         [ "$streams" = 1 ] && [ "$proc" != - ] && rec "$name" "cpu_s_per_gb" "$(echo "scale=3; ($c1 - $c0) * 1000000000 / $bytes" | bc)" "$rep"
       fi
     done
-    c0=$(cpu_of "$proc")
+    c0=$(cpu_of "$proc"); read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
     r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
-    c1=$(cpu_of "$proc")
+    c1=$(cpu_of "$proc"); read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
     cps=$(json "$r" cps)
     rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
     [ "$proc" != - ] && rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($c1 - $c0) * 1000 / ($cps * 4)" | bc)" "$rep"
+    # The profile of a connection: what the whole machine spends on one (client, server,
+    # proxy and the kernel's network path, NAT included), and the proxy's own user and system
+    # time, in microseconds.
+    tck=$(getconf CLK_TCK)
+    rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $tck / ($cps * 4)" | bc)" "$rep"
+    if [ "$proc" != - ]; then
+      rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $tck / ($cps * 4)" | bc)" "$rep"
+      rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $tck / ($cps * 4)" | bc)" "$rep"
+    fi
     if [ "$udp" != - ]; then
       r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100)
       rec "$name" udp_flood_pps "$(json "$r" delivered_pps)" "$rep"; rec "$name" udp_flood_loss "$(json "$r" loss)" "$rep"

@@ -33,6 +33,21 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("crr_cps", "connect+exchange+close (conn/s)", true),
     ("crr_p99_us", "connect+exchange+close p99 (µs)", false),
     ("cpu_s_per_1k_conns", "proxy CPU per 1,000 conns (s)", false),
+    (
+        "crr_machine_us_per_conn",
+        "machine CPU per connection, every process and the kernel (µs)",
+        false,
+    ),
+    (
+        "crr_user_us_per_conn",
+        "proxy user CPU per connection (µs)",
+        false,
+    ),
+    (
+        "crr_sys_us_per_conn",
+        "proxy system CPU per connection (µs)",
+        false,
+    ),
     ("udp_rr_p50_us", "UDP req/resp p50 (µs)", false),
     ("udp_rr_p99_us", "UDP req/resp p99 (µs)", false),
     (
