@@ -188,27 +188,24 @@ TARGETS=(
   "nginx-nat 10.96.0.12:5201 10.96.0.12:9000 10.96.0.12:9001 nginx"
 )
 
-# CPU seconds (user+sys, including reaped children) of every process named $1 in the node ns.
-cpu_of() {
-  [ "$1" = - ] && { echo 0; return; }
-  local total=0 pid
-  for pid in $(ip netns pids "$ND"); do
-    [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
-    total=$((total + $(awk '{print $14+$15+$16+$17}' /proc/$pid/stat 2>/dev/null || echo 0)))
-  done
-  echo "scale=3; $total / $(getconf CLK_TCK)" | bc
-}
+TCK=$(getconf CLK_TCK)
 # User and system CPU ticks (including reaped children) of every process named $1 in the node
 # ns, as "user sys".
 cpu_split_of() {
   [ "$1" = - ] && { echo "0 0"; return; }
-  local u=0 s=0 pid
+  local u=0 s=0 pid pu ps
   for pid in $(ip netns pids "$ND"); do
     [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
     read -r pu ps < <(awk '{print $14+$16, $15+$17}' /proc/$pid/stat 2>/dev/null || echo "0 0")
     u=$((u + pu)); s=$((s + ps))
   done
   echo "$u $s"
+}
+# CPU seconds (user+sys, including reaped children) of every process named $1 in the node ns.
+cpu_of() {
+  local u s
+  read -r u s < <(cpu_split_of "$1")
+  echo "scale=3; ($u + $s) / $TCK" | bc
 }
 # Busy CPU ticks of the whole machine (every CPU, every process, interrupts included).
 machine_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
@@ -250,20 +247,19 @@ for rep in $(seq 1 "$REPS"); do
         [ "$streams" = 1 ] && [ "$proc" != - ] && rec "$name" "cpu_s_per_gb" "$(echo "scale=3; ($c1 - $c0) * 1000000000 / $bytes" | bc)" "$rep"
       fi
     done
-    c0=$(cpu_of "$proc"); read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
+    read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
     r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
-    c1=$(cpu_of "$proc"); read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
+    read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
     cps=$(json "$r" cps)
     rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
-    [ "$proc" != - ] && rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($c1 - $c0) * 1000 / ($cps * 4)" | bc)" "$rep"
     # The profile of a connection: what the whole machine spends on one (client, server,
     # proxy and the kernel's network path, NAT included), and the proxy's own user and system
     # time, in microseconds.
-    tck=$(getconf CLK_TCK)
-    rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $tck / ($cps * 4)" | bc)" "$rep"
+    rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
     if [ "$proc" != - ]; then
-      rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $tck / ($cps * 4)" | bc)" "$rep"
-      rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $tck / ($cps * 4)" | bc)" "$rep"
+      rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($u1 - $u0 + $s1 - $s0) * 1000 / $TCK / ($cps * 4)" | bc)" "$rep"
+      rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
+      rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
     fi
     if [ "$udp" != - ]; then
       r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100)

@@ -241,24 +241,21 @@ fn main() {
                     .partial_cmp(&relative(b.1, 1.0, *higher))
                     .unwrap()
             });
-        let vs_direct = match (get("userspace-proxy", metric), direct) {
+        // The main column against one other target, oriented so that > 1 is better.
+        let vs = |other: Option<Stat>| match (get("userspace-proxy", metric), other) {
             (Some(o), Some(d)) if o.median > 0.0 && d.median > 0.0 => {
                 format!("{:.2}", relative(o.median, d.median, *higher))
             }
             _ => "–".into(),
         };
+        let vs_direct = vs(direct);
         let vs_peer = |ours: Option<Stat>| match (ours, best_peer) {
             (Some(o), Some((p, v))) if o.median > 0.0 && v > 0.0 => {
                 format!("{:.2} ({p})", relative(o.median, v, *higher))
             }
             _ => "–".into(),
         };
-        let vs_nat = match (get("userspace-proxy", metric), get(NGINX_NAT, metric)) {
-            (Some(o), Some(n)) if o.median > 0.0 && n.median > 0.0 => {
-                format!("{:.2}", relative(o.median, n.median, *higher))
-            }
-            _ => "–".into(),
-        };
+        let vs_nat = vs(get(NGINX_NAT, metric));
         let _ = writeln!(
             md,
             "| {label} | {} | {} | {vs_direct} | {} | {} | {} | {} | {} | {} | {} | {vs_nat} |",
