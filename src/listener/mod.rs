@@ -10,6 +10,7 @@
 //! and runs on a data-plane worker thread ([`workers`]), not on the control plane's runtime.
 
 mod gso;
+mod keeper;
 pub mod splice;
 pub mod stats;
 pub mod tcp;

@@ -16,11 +16,14 @@
 //!
 //! Semantics match `tokio::io::copy_bidirectional`: each direction runs until EOF, then shuts
 //! down the write side of its destination (half-close propagates); an error in either direction
-//! ends both.
+//! ends both. One difference: the direction that ends last leaves its FIN to the close that
+//! follows [`relay`], since by then both receive queues are empty and a close sends a FIN, not a
+//! reset; that saves a system call on every connection.
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
@@ -81,9 +84,10 @@ fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
-/// Moves everything `src` sends to `dst` until EOF, then shuts down `dst`'s write side.
+/// Moves everything `src` sends to `dst` until EOF, then shuts down `dst`'s write side unless
+/// the other direction has already ended (`ended`, which the first to end sets).
 /// Returns the bytes moved.
-async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+async fn pump(src: &TcpStream, dst: &TcpStream, ended: &AtomicBool) -> io::Result<u64> {
     let mut total = 0u64;
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
@@ -150,7 +154,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         }
         pipe = Some(p); // empty again: try to refill without waiting
     }
-    SockRef::from(dst).shutdown(std::net::Shutdown::Write).ok();
+    // Both pumps run in one task, so the flag is never contended.
+    if !ended.swap(true, Ordering::Relaxed) {
+        SockRef::from(dst).shutdown(std::net::Shutdown::Write).ok();
+    }
     Ok(total)
 }
 
@@ -217,12 +224,13 @@ fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Relays both directions until both have ended; returns bytes (client→backend,
-/// backend→client).
+/// backend→client). The caller closes both sockets next: that close sends the last FIN.
 ///
 /// # Errors
 /// An I/O error in either direction (the other is then abandoned).
 pub async fn relay(client: &TcpStream, backend: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(pump(client, backend), pump(backend, client))
+    let ended = AtomicBool::new(false);
+    tokio::try_join!(pump(client, backend, &ended), pump(backend, client, &ended))
 }
 
 #[cfg(test)]
@@ -265,6 +273,14 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!((up, down), (0, msg.len() as u64));
+            // The client's FIN reaches the backend through the close after the relay (the
+            // direction that ended last does not shut down): an orderly end, not a reset.
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut rest))
+                .await
+                .expect("the backend saw the end")
+                .expect("an orderly end");
+            assert!(rest.is_empty());
         }
     }
 }

@@ -147,6 +147,7 @@ async fn dial(
             debug!(service = %shared.name, client.addr = %peer, "no endpoints; closing client connection");
             return None;
         };
+        super::keeper::dialing();
         match tokio::time::timeout(*timeout, TcpStream::connect(endpoint)).await {
             Ok(Ok(stream)) => return Some((stream, endpoint)),
             Ok(Err(e)) => {

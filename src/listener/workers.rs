@@ -20,7 +20,8 @@
 //! 2 CPUs then need 20,000 descriptors, past the 20,000 `RLIMIT_NOFILE` these hosts allow
 //! (measured: programming 10,000 ports went from 1 s to 190 s, waiting out `EMFILE`).
 //!
-//! The threads live as long as the process; each listener's tasks stop with its tokens.
+//! The threads live as long as the process; each listener's tasks stop with its tokens. What
+//! each thread runs itself is its timer keeper ([`super::keeper`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -112,7 +113,7 @@ impl Workers {
                 let handle = rt.handle().clone();
                 std::thread::Builder::new()
                     .name(format!("proxy-worker-{i}"))
-                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .spawn(move || rt.block_on(super::keeper::keep()))
                     .expect("data-plane thread");
                 Worker {
                     handle,
