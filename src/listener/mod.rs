@@ -302,13 +302,19 @@ mod tests {
     use super::*;
     use std::net::TcpStream;
 
+    /// Without steering, the kernel spreads `n` new flows over both sockets of the group, by a
+    /// hash of the client's address: what each test's steered half is compared with.
+    fn assert_spread((to_old, to_new): (usize, usize), n: usize) {
+        assert_eq!(to_old + to_new, n);
+        assert!(
+            to_old > 0 && to_new > 0,
+            "without steering the kernel spreads flows: old {to_old}, new {to_new}"
+        );
+    }
+
     /// Accepts what `listener` has queued; returns how many.
     fn drain(listener: &Socket) -> usize {
-        let mut n = 0;
-        while listener.accept().is_ok() {
-            n += 1;
-        }
-        n
+        std::iter::from_fn(|| listener.accept().ok()).count()
     }
 
     fn listening(addr: SocketAddr) -> Socket {
@@ -333,12 +339,7 @@ mod tests {
         };
 
         let _spread = connect(32);
-        let (to_old, to_new) = (drain(&old), drain(&new));
-        assert_eq!(to_old + to_new, 32);
-        assert!(
-            to_old > 0 && to_new > 0,
-            "without steering the kernel spreads connections: old {to_old}, new {to_new}"
-        );
+        assert_spread((drain(&old), drain(&new)), 32);
 
         take_new_connections(&new, ADOPTER_INDEX).unwrap();
         let _steered = connect(32);
@@ -349,14 +350,10 @@ mod tests {
         assert_eq!(drain(&new), 8);
     }
 
-    /// Datagrams from a socket; returns how many.
+    /// Reads what `socket` has queued; returns how many datagrams.
     fn received(socket: &Socket) -> usize {
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
-        let mut n = 0;
-        while socket.recv(&mut buf).is_ok() {
-            n += 1;
-        }
-        n
+        std::iter::from_fn(|| socket.recv(&mut buf).ok()).count()
     }
 
     /// The same for a UDP port: after the take-over the predecessor's socket receives nothing,
@@ -374,12 +371,7 @@ mod tests {
             }
         };
         send(32);
-        let (to_old, to_new) = (received(&old), received(&new));
-        assert_eq!(to_old + to_new, 32);
-        assert!(
-            to_old > 0 && to_new > 0,
-            "without steering the kernel spreads flows: old {to_old}, new {to_new}"
-        );
+        assert_spread((received(&old), received(&new)), 32);
         take_new_connections(&new, ADOPTER_INDEX).unwrap();
         send(32);
         assert_eq!((received(&old), received(&new)), (0, 32));
