@@ -15,6 +15,7 @@ pub mod splice;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
+mod udp_loops;
 mod workers;
 
 pub use workers::{status as worker_status, WorkerStatus};
@@ -270,16 +271,11 @@ pub fn spawn(
             if bind == Bind::Adopt {
                 take_over(&socket, &shared);
             }
-            let sock = tokio::net::UdpSocket::from_std(socket.into())?;
+            // Served by the UDP loops ([`udp_loops`]); the task here only watches the tokens.
+            let sock: std::net::UdpSocket = socket.into();
             let local = sock.local_addr()?;
-            let serve = udp::serve(
-                Arc::new(sock),
-                shared.clone(),
-                tracker.clone(),
-                accept.clone(),
-                kill.clone(),
-            );
-            tracker.spawn_on(serve, worker);
+            let watch = udp::start(sock, shared.clone(), accept.clone(), kill.clone())?;
+            tracker.spawn_on(watch, worker);
             local
         }
     };

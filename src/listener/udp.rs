@@ -10,26 +10,50 @@
 //!
 //! The session table is bounded (`udpMaxSessions`): past it new clients' datagrams are dropped
 //! and counted, instead of exhausting descriptors for every other service.
+//!
+//! The threads that run all this are the UDP loops ([`super::udp_loops`]): this module says
+//! what happens to a datagram, that one when and on which thread.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::gso::{self, Batch, Fill, Sent};
+use super::udp_loops::{self, Gate, Loop, BATCHES_PER_TURN};
 use super::{is_resource_exhaustion, Shared, Stats};
 
+/// One UDP service port: its socket, read by every UDP loop in turn, and its sessions.
 #[derive(Debug)]
-struct Session {
-    backend: UdpSocket,
+pub(crate) struct Port {
+    pub(crate) sock: UdpSocket,
+    pub(crate) shared: Arc<Shared>,
+    table: Mutex<HashMap<SocketAddr, Arc<Session>>>,
+    /// One loop reads the socket at a time, so each client's datagrams keep their order.
+    gate: Gate,
+    /// Set when the listener closes: datagrams still queued are not forwarded.
+    closed: AtomicBool,
+}
+
+impl Port {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Session>>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One client's session: a socket connected to its backend, owned by the loop that opened it.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) backend: UdpSocket,
     endpoint: SocketAddr,
+    client: SocketAddr,
     born: Instant,
     /// `Shared::generation` when the endpoint was last known to be current.
     generation: AtomicU64,
@@ -46,15 +70,9 @@ impl Session {
         self.last_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    fn deadline(&self, idle: Duration) -> Instant {
+    pub(crate) fn deadline(&self, idle: Duration) -> Instant {
         self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
     }
-}
-
-type Table = Arc<Mutex<HashMap<SocketAddr, Arc<Session>>>>;
-
-fn lock(table: &Table) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Session>>> {
-    table.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn connect_backend(endpoint: SocketAddr) -> io::Result<UdpSocket> {
@@ -63,57 +81,65 @@ fn connect_backend(endpoint: SocketAddr) -> io::Result<UdpSocket> {
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let std_sock = std::net::UdpSocket::bind(local)?;
-    std_sock.connect(endpoint)?;
-    std_sock.set_nonblocking(true)?;
-    UdpSocket::from_std(std_sock)
+    let sock = UdpSocket::bind(local)?;
+    sock.connect(endpoint)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
 }
 
-/// Serves a UDP service port until `accept` is cancelled.
-pub(crate) async fn serve(
-    sock: Arc<UdpSocket>,
+/// Serves a UDP service port on the UDP loops until `accept` or `kill` is cancelled; the
+/// returned future is that watch, and ends once every loop has let go of the port and closed
+/// its sessions.
+///
+/// # Errors
+/// The UDP loops could not be started.
+pub(crate) fn start(
+    sock: UdpSocket,
     shared: Arc<Shared>,
-    tracker: TaskTracker,
     accept: CancellationToken,
     kill: CancellationToken,
-) {
-    let table: Table = Arc::new(Mutex::new(HashMap::new()));
-    let mut backoff = Duration::from_millis(5);
-    // Made once: a cancellation future built per wake-up would join and leave the token's
-    // waiter list (a lock each way) for every datagram.
-    let closed = accept.cancelled();
-    tokio::pin!(closed);
-    loop {
+) -> io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let loops = udp_loops::loops()?;
+    let port = Arc::new(Port {
+        sock,
+        shared,
+        table: Mutex::new(HashMap::new()),
+        gate: Gate::default(),
+        closed: AtomicBool::new(false),
+    });
+    loops.add(&port);
+    Ok(async move {
         tokio::select! {
-            biased;
-            _ = &mut closed => break,
-            r = sock.readable() => if let Err(e) = r {
-                debug!(service = %shared.name, error = %e, "UDP listener not readable");
-                tokio::time::sleep(backoff).await;
-                continue;
-            },
+            _ = accept.cancelled() => {}
+            _ = kill.cancelled() => {}
         }
+        port.closed.store(true, Ordering::Relaxed);
+        loops.remove(&port).await;
+        port.table().clear();
+        debug!(service = %port.shared.name, "UDP listener closed");
+    })
+}
+
+/// Reads what the service socket has queued and forwards it, unless another loop is at it.
+/// Returns true if there may be more than this turn read.
+pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
+    if port.closed.load(Ordering::Relaxed) || !port.gate.enter() {
+        return false;
+    }
+    let shared = &port.shared;
+    let mut batches = 0;
+    loop {
         let (why, blocked) = Batch::with(|batch| {
-            let why = batch.fill(|buf| sock.try_recv_from(buf));
-            let blocked = forward(batch, &table, &sock, &shared, &tracker, &accept, &kill);
+            let why = batch.fill(|buf| port.sock.recv_from(buf));
+            let blocked = forward(batch, port, lp);
             (why, blocked)
         });
-        match why {
-            Fill::Failed(e) if is_resource_exhaustion(&e) => {
-                warn!(service = %shared.name, error = %e, "UDP receive failed: out of resources; pausing");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            // ECONNREFUSED and the like from ICMP errors: not fatal for the listener (the
-            // original's loop exited here and the port stayed dead).
-            Fill::Failed(e) => debug!(service = %shared.name, error = %e, "UDP receive error"),
-            Fill::Drained | Fill::Full => backoff = Duration::from_millis(5),
-        }
-        // Datagrams a full backend socket could not take at once: sent in order, each with a
-        // short wait, after the batch buffer is free again.
+        // Datagrams a full backend socket could not take at once: sent in order, with a short
+        // wait, after the batch buffer is free again.
+        let deadline = Instant::now() + SEND_WAIT;
         for (session, datagrams) in blocked {
             for d in datagrams {
-                match send_to_backend(&session.backend, &d).await {
+                match send_waiting(&session.backend, &d, None, deadline) {
                     Ok(sent) => Stats::add(&shared.stats.bytes_to_backend, sent as u64),
                     Err(e) => {
                         Stats::add(&shared.stats.udp_dropped, 1);
@@ -122,9 +148,34 @@ pub(crate) async fn serve(
                 }
             }
         }
+        match why {
+            Fill::Drained => {
+                if port.gate.leave() {
+                    return false;
+                }
+                // Another loop was woken meanwhile: what woke it is read here.
+            }
+            Fill::Failed(e) if is_resource_exhaustion(&e) => {
+                // Waited out: the next datagram's wake-up reads again.
+                warn!(service = %shared.name, error = %e, "UDP receive failed: out of resources");
+                while !port.gate.leave() {}
+                return false;
+            }
+            // ECONNREFUSED and the like from ICMP errors: reported once, then reading goes on
+            // (the original's loop exited here and the port stayed dead).
+            Fill::Failed(_) | Fill::Full => {
+                if let Fill::Failed(e) = why {
+                    debug!(service = %shared.name, error = %e, "UDP receive error");
+                }
+                batches += 1;
+                if batches >= BATCHES_PER_TURN {
+                    // The loop comes back to it; a mark set meanwhile is honoured then.
+                    while !port.gate.leave() {}
+                    return true;
+                }
+            }
+        }
     }
-    lock(&table).clear();
-    debug!(service = %shared.name, "UDP listener closed");
 }
 
 /// Datagrams left unsent because a socket was full, copied out of the batch buffer.
@@ -132,31 +183,14 @@ type Blocked = Vec<(Arc<Session>, Vec<Vec<u8>>)>;
 
 /// Sends a batch read from the listener on to the backends: each client's datagrams, in the
 /// order they came, in as few sends as the segmentation rules allow.
-fn forward(
-    batch: &Batch,
-    table: &Table,
-    sock: &Arc<UdpSocket>,
-    shared: &Arc<Shared>,
-    tracker: &TaskTracker,
-    accept: &CancellationToken,
-    kill: &CancellationToken,
-) -> Blocked {
+fn forward(batch: &Batch, port: &Arc<Port>, lp: &mut Loop) -> Blocked {
     let mut blocked = Blocked::new();
     // A stable sort keeps each client's datagrams in arrival order.
     let mut order: Vec<usize> = (0..batch.items.len()).collect();
     order.sort_by_key(|&i| batch.items[i].0);
     for group in order.chunk_by(|&a, &b| batch.items[a].0 == batch.items[b].0) {
         let client = batch.items[group[0]].0;
-        let Some(session) = session_for(
-            table,
-            client,
-            group.len() as u64,
-            sock,
-            shared,
-            tracker,
-            accept,
-            kill,
-        ) else {
+        let Some(session) = session_for(port, client, group.len() as u64, lp) else {
             continue;
         };
         let datagrams: Vec<&[u8]> = group
@@ -168,8 +202,8 @@ fn forward(
             &datagrams,
             None,
             &session.to_backend,
-            shared,
-            &shared.stats.bytes_to_backend,
+            &port.shared,
+            &port.shared.stats.bytes_to_backend,
         );
         if !unsent.is_empty() {
             blocked.push((session, unsent));
@@ -216,36 +250,53 @@ fn send_all(
     Vec::new()
 }
 
-/// Longest wait for a socket to become writable before a datagram is dropped.
+/// Longest a loop waits for full sockets to take one batch's blocked datagrams before the rest
+/// are dropped. The loop serves nothing else meanwhile, so it is short, and it bounds the whole
+/// batch, not each datagram.
 const SEND_WAIT: Duration = Duration::from_millis(50);
 
-/// Sends without waiting when the socket is known writable (the steady state). A socket tokio
-/// has not seen writable yet (a new session), or a full send buffer, gets a short bounded wait.
-async fn send_to_backend(backend: &UdpSocket, datagram: &[u8]) -> io::Result<usize> {
-    match backend.try_send(datagram) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            tokio::time::timeout(SEND_WAIT, backend.send(datagram))
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::WouldBlock.into()))
+/// Sends one datagram, waiting until `deadline` for room in the socket's buffer.
+fn send_waiting(
+    out: &UdpSocket,
+    datagram: &[u8],
+    dest: Option<SocketAddr>,
+    deadline: Instant,
+) -> io::Result<usize> {
+    loop {
+        let r = match dest {
+            Some(to) => out.send_to(datagram, to),
+            None => out.send(datagram),
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                let ms = (left.as_millis() as u16).max(1);
+                let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
+                match poll(&mut fds, PollTimeout::from(ms)) {
+                    Ok(0) => return Err(e),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 
-/// The client's session, created (with its task) if it has none. The session is touched under
-/// the table lock, so its task cannot expire it between this lookup and the send that follows.
-#[allow(clippy::too_many_arguments)]
+/// The client's session, opened (and owned by `lp`) if it has none. The session is touched
+/// under the table lock, so its loop cannot expire it between this lookup and the send that
+/// follows.
 fn session_for(
-    table: &Table,
+    port: &Arc<Port>,
     client: SocketAddr,
     datagrams: u64,
-    sock: &Arc<UdpSocket>,
-    shared: &Arc<Shared>,
-    tracker: &TaskTracker,
-    accept: &CancellationToken,
-    kill: &CancellationToken,
+    lp: &mut Loop,
 ) -> Option<Arc<Session>> {
-    let mut map = lock(table);
+    let shared = &port.shared;
+    let mut map = port.table();
     let generation = shared.generation.load(Ordering::Relaxed);
     if let Some(s) = map.get(&client).cloned() {
         let current = s.generation.load(Ordering::Relaxed) == generation
@@ -255,8 +306,8 @@ fn session_for(
             s.touch();
             return Some(s);
         }
-        // Its backend was removed: start over on a live endpoint. The old session's task sees
-        // it is no longer in the table and ends.
+        // Its backend was removed: start over on a live endpoint. The old session's loop sees
+        // that it is no longer in the table at its next check and closes it.
         map.remove(&client);
         debug!(service = %shared.name, client.addr = %client, backend.addr = %s.endpoint, "UDP session moved off a removed endpoint");
     }
@@ -270,8 +321,17 @@ fn session_for(
         Stats::add(&shared.stats.udp_dropped, datagrams);
         return None;
     };
-    let backend = match connect_backend(endpoint) {
-        Ok(b) => b,
+    let session = match connect_backend(endpoint) {
+        Ok(backend) => Arc::new(Session {
+            backend,
+            endpoint,
+            client,
+            born: Instant::now(),
+            generation: AtomicU64::new(generation),
+            last_ms: AtomicU64::new(0),
+            to_backend: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
+            to_client: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
+        }),
         Err(e) => {
             Stats::add(&shared.stats.dial_failures, 1);
             Stats::add(&shared.stats.udp_dropped, datagrams);
@@ -279,109 +339,58 @@ fn session_for(
             return None;
         }
     };
-    let session = Arc::new(Session {
-        backend,
-        endpoint,
-        born: Instant::now(),
-        generation: AtomicU64::new(generation),
-        last_ms: AtomicU64::new(0),
-        to_backend: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
-        to_client: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
-    });
+    if let Err(e) = lp.own(port, &session) {
+        Stats::add(&shared.stats.udp_dropped, datagrams);
+        warn!(service = %shared.name, error = %e, "UDP session cannot be watched; datagram dropped");
+        return None;
+    }
     map.insert(client, session.clone());
     Stats::add(&shared.stats.udp_sessions_active, 1);
     debug!(service = %shared.name, client.addr = %client, backend.addr = %endpoint, "UDP session opened");
-    tracker.spawn(run_session(
-        session.clone(),
-        client,
-        sock.clone(),
-        table.clone(),
-        shared.clone(),
-        accept.clone(),
-        kill.clone(),
-    ));
     Some(session)
 }
 
-/// Relays replies to the client until the session is idle, fails, or the listener closes.
-async fn run_session(
-    session: Arc<Session>,
-    client: SocketAddr,
-    sock: Arc<UdpSocket>,
-    table: Table,
-    shared: Arc<Shared>,
-    accept: CancellationToken,
-    kill: CancellationToken,
-) {
-    let idle = shared.udp_idle_timeout;
-    // Set up once per session, not per datagram: the cancellation futures stay registered, and
-    // the idle timer is lazy. Traffic only moves the session's deadline (an atomic store); the
-    // timer fires at the deadline it was set to, and is then set to the current one if the
-    // session was used meanwhile. A datagram costs no timer operation.
-    let (closed, stopped) = (accept.cancelled(), kill.cancelled());
-    let idle_timer = tokio::time::sleep_until(session.deadline(idle).into());
-    tokio::pin!(closed, stopped, idle_timer);
-    let reason = loop {
-        tokio::select! {
-            _ = &mut closed => break "listener closed",
-            _ = &mut stopped => break "shutdown",
-            _ = &mut idle_timer => {
-                let mut map = lock(&table);
-                if !map.get(&client).is_some_and(|s| Arc::ptr_eq(s, &session)) {
-                    break "replaced";
-                }
-                let deadline = session.deadline(idle);
-                if Instant::now() >= deadline {
-                    map.remove(&client);
-                    break "idle";
-                }
-                idle_timer.as_mut().reset(deadline.into());
-            }
-            r = session.backend.readable() => {
-                if let Err(e) = r {
-                    break if e.kind() == io::ErrorKind::ConnectionRefused { "backend refused" } else { "backend error" };
-                }
-                let (result, blocked) = relay_replies(&session, client, &sock, &shared);
-                for datagram in blocked {
-                    match tokio::time::timeout(SEND_WAIT, sock.send_to(&datagram, client)).await {
-                        Ok(Ok(sent)) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
-                        _ => Stats::add(&shared.stats.udp_dropped, 1),
-                    }
-                }
-                if let Err(why) = result {
-                    break why;
-                }
-            }
-        }
-    };
+/// Why a session its loop checks should end now, if it should: it was replaced in the table
+/// (its endpoint went away), or it has been idle past its timeout. An idle session leaves the
+/// table here, under the lock that a datagram for it would take to touch it.
+pub(crate) fn expired(port: &Port, session: &Arc<Session>, now: Instant) -> Option<&'static str> {
+    let mut map = port.table();
+    if !map
+        .get(&session.client)
+        .is_some_and(|s| Arc::ptr_eq(s, session))
     {
-        let mut map = lock(&table);
-        if map.get(&client).is_some_and(|s| Arc::ptr_eq(s, &session)) {
-            map.remove(&client);
-        }
+        return Some("replaced");
     }
-    Stats::dec(&shared.stats.udp_sessions_active);
-    debug!(service = %shared.name, client.addr = %client, backend.addr = %session.endpoint, reason, "UDP session closed");
+    if now >= session.deadline(port.shared.udp_idle_timeout) {
+        map.remove(&session.client);
+        return Some("idle");
+    }
+    None
 }
 
-/// Relays one batch of queued replies without blocking. Returns the reason to end the session on
-/// a backend error, and the replies the service socket could not take at once (sent by the
-/// caller with a short wait).
-///
-/// One batch per wake-up: a backend that floods must not keep the thread from every other
-/// session and the listener. What stays queued is not lost: the socket was not read until it
-/// would block, so its readiness is still set and the session's next wait returns at once,
-/// after the others on this thread had their turn.
-type Relay = (Result<(), &'static str>, Vec<Vec<u8>>);
+/// Takes a closed session out of the table (if it is still there) and counts it gone.
+pub(crate) fn end_session(port: &Port, session: &Arc<Session>, reason: &'static str) {
+    {
+        let mut map = port.table();
+        if map
+            .get(&session.client)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            map.remove(&session.client);
+        }
+    }
+    Stats::dec(&port.shared.stats.udp_sessions_active);
+    debug!(service = %port.shared.name, client.addr = %session.client, backend.addr = %session.endpoint, reason, "UDP session closed");
+}
 
-fn relay_replies(
-    session: &Session,
-    client: SocketAddr,
-    sock: &UdpSocket,
-    shared: &Shared,
-) -> Relay {
-    Batch::with(|batch| {
-        let why = batch.fill(|buf| session.backend.try_recv(buf).map(|n| (n, client)));
+/// Relays one batch of queued replies to the client. `Ok(true)`: there may be more, read on the
+/// loop's next turn (a backend that floods must not keep the thread from every other socket);
+/// `Err`: the session ends, with the reason.
+pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'static str> {
+    let shared = &port.shared;
+    let client = session.client;
+    let (why, unsent) = Batch::with(|batch| {
+        let why = batch.fill(|buf| session.backend.recv(buf).map(|n| (n, client)));
         let mut unsent = Vec::new();
         if !batch.items.is_empty() {
             session.touch();
@@ -391,7 +400,7 @@ fn relay_replies(
                 .map(|(_, r)| batch.bytes(r.clone()))
                 .collect();
             unsent = send_all(
-                sock,
+                &port.sock,
                 &datagrams,
                 Some(client),
                 &session.to_client,
@@ -399,13 +408,19 @@ fn relay_replies(
                 &shared.stats.bytes_to_client,
             );
         }
-        let result = match why {
-            Fill::Drained | Fill::Full => Ok(()),
-            Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                Err("backend refused")
-            }
-            Fill::Failed(_) => Err("backend error"),
-        };
-        (result, unsent)
-    })
+        (why, unsent)
+    });
+    let deadline = Instant::now() + SEND_WAIT;
+    for datagram in unsent {
+        match send_waiting(&port.sock, &datagram, Some(client), deadline) {
+            Ok(sent) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
+            Err(_) => Stats::add(&shared.stats.udp_dropped, 1),
+        }
+    }
+    match why {
+        Fill::Drained => Ok(false),
+        Fill::Full => Ok(true),
+        Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("backend refused"),
+        Fill::Failed(_) => Err("backend error"),
+    }
 }
