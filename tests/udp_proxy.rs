@@ -260,3 +260,43 @@ async fn a_backend_flood_is_relayed_in_order_without_starving_others() {
     proxy.stop().await;
     cancel.cancel();
 }
+
+/// Removing a UDP service ends its sessions at once and closes its socket: every UDP loop lets
+/// go of the port (the address can be bound again, which it cannot while any loop still holds
+/// the socket), and nothing is relayed for it any more.
+#[tokio::test]
+async fn removing_the_service_ends_its_sessions_and_frees_its_socket() {
+    let cancel = CancellationToken::new();
+    let backend = udp_backend("u0", cancel.clone()).await;
+    let (proxy, addr) = udp_proxy_to("udpIdleTimeout: 10s\n", &[backend]).await;
+    let clients: Vec<UdpSocket> = udp_clients(3).await;
+    for c in &clients {
+        assert!(udp_roundtrip(c, addr, b"hi").await.is_some());
+    }
+    let stats = proxy.port_status("dns", "dns").unwrap().stats.unwrap();
+    assert_eq!(stats.udp_sessions_active.load(Ordering::Relaxed), 3);
+
+    proxy.rewrite(&header("udpIdleTimeout: 10s\n"));
+    eventually(Duration::from_secs(5), "the UDP sessions ended", || {
+        let n = stats.udp_sessions_active.load(Ordering::Relaxed);
+        async move { n == 0 }
+    })
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the service socket closed",
+        || async move { std::net::UdpSocket::bind(addr).is_ok() },
+    )
+    .await;
+    assert!(proxy.port_status("dns", "dns").is_none());
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+async fn udp_clients(n: usize) -> Vec<UdpSocket> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    v
+}

@@ -14,14 +14,16 @@
 //! the socket's largest segment size is lowered, so the refusal is paid once.
 
 use std::cell::RefCell;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::errno::Errno;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+use nix::sys::socket::{
+    recvmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
 
 /// Largest UDP payload over IPv4 (65,535 minus IP and UDP headers), plus room to spare.
 pub(crate) const MAX_DATAGRAM: usize = 65_536;
@@ -37,23 +39,27 @@ const MAX_RUN_BYTES: usize = 65_507;
 /// headers. Larger datagrams go one per send, as before; smaller paths lower it on refusal.
 pub(crate) const INITIAL_MAX_SEGMENT: usize = 1_472;
 
-/// Read buffer for a batch: room for four largest datagrams, or 64 small ones.
-const BATCH_BYTES: usize = 4 * MAX_DATAGRAM;
-
-/// Datagrams read from one socket, packed one after another in one buffer.
+/// Datagrams read from one socket by one `recvmmsg`, each in its own slot of one buffer.
+///
+/// Why one `recvmmsg` and not a `recv` per datagram until the socket would block: a lone
+/// request then costs one receive instead of two (the second only to learn that nothing more
+/// is queued: `recvmmsg` returns fewer datagrams than it had room for), and a flood 64
+/// datagrams per system call instead of one. Each slot holds the largest datagram, so nothing is
+/// ever truncated; the buffer is 4 MiB of address space, of which only the pages datagrams were
+/// written to become resident.
 pub(crate) struct Batch {
     buf: Vec<u8>,
-    used: usize,
+    headers: MultiHeaders<SockaddrStorage>,
     /// Source (for a listener) and the datagram's bytes in `buf`.
     pub(crate) items: Vec<(SocketAddr, Range<usize>)>,
 }
 
 thread_local! {
-    /// One batch per worker thread, shared by every socket that runs on it. It is only held
-    /// between reading a socket and sending what was read, with no await in between.
+    /// One batch per UDP loop thread, shared by every socket that runs on it. It is only held
+    /// between reading a socket and sending what was read.
     static BATCH: RefCell<Batch> = RefCell::new(Batch {
-        buf: vec![0; BATCH_BYTES],
-        used: 0,
+        buf: vec![0; MAX_BATCH * MAX_DATAGRAM],
+        headers: MultiHeaders::preallocate(MAX_BATCH, None),
         items: Vec::with_capacity(MAX_BATCH),
     });
 }
@@ -63,35 +69,45 @@ impl Batch {
     pub(crate) fn with<R>(f: impl FnOnce(&mut Batch) -> R) -> R {
         BATCH.with(|cell| {
             let mut batch = cell.borrow_mut();
-            batch.clear();
+            batch.items.clear();
             f(&mut batch)
         })
     }
 
-    /// Empties the batch for another round on the same socket.
-    pub(crate) fn clear(&mut self) {
-        self.used = 0;
+    /// Reads what `sock` has queued, up to [`MAX_BATCH`] datagrams, in one system call, and
+    /// says whether that was all. `peer`: the address to record for a connected socket (its
+    /// datagrams all come from its peer); `None` records each datagram's source.
+    pub(crate) fn fill(&mut self, sock: &impl AsRawFd, peer: Option<SocketAddr>) -> Fill {
         self.items.clear();
-    }
-
-    /// Reads datagrams with `recv` until it would block, fails, or the batch is full, and says
-    /// which. Datagrams read before an error are kept.
-    pub(crate) fn fill(
-        &mut self,
-        mut recv: impl FnMut(&mut [u8]) -> io::Result<(usize, SocketAddr)>,
-    ) -> Fill {
-        while self.items.len() < MAX_BATCH && self.buf.len() - self.used >= MAX_DATAGRAM {
-            let start = self.used;
-            match recv(&mut self.buf[start..start + MAX_DATAGRAM]) {
-                Ok((n, from)) => {
-                    self.used += n;
-                    self.items.push((from, start..start + n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Fill::Drained,
-                Err(e) => return Fill::Failed(e),
+        let mut slots: Vec<[IoSliceMut<'_>; 1]> = self
+            .buf
+            .chunks_mut(MAX_DATAGRAM)
+            .map(|c| [IoSliceMut::new(c)])
+            .collect();
+        let received = match recvmmsg(
+            sock.as_raw_fd(),
+            &mut self.headers,
+            slots.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(Errno::EAGAIN) => return Fill::Drained,
+            Err(e) => return Fill::Failed(io::Error::from(e)),
+        };
+        for (i, msg) in received.enumerate() {
+            let from = peer.or_else(|| msg.address.and_then(|a| to_std(&a)));
+            // A source that is neither IPv4 nor IPv6 cannot come from a UDP socket.
+            if let Some(from) = from {
+                let start = i * MAX_DATAGRAM;
+                self.items.push((from, start..start + msg.bytes));
             }
         }
-        Fill::Full
+        if self.items.len() < MAX_BATCH {
+            Fill::Drained
+        } else {
+            Fill::Full
+        }
     }
 
     pub(crate) fn bytes(&self, range: Range<usize>) -> &[u8] {
@@ -99,10 +115,17 @@ impl Batch {
     }
 }
 
+fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
 /// Why [`Batch::fill`] stopped.
 #[derive(Debug)]
 pub(crate) enum Fill {
-    /// The socket has nothing more queued (and the runtime knows it).
+    /// The socket had nothing more queued.
     Drained,
     /// The batch is full; the socket may hold more.
     Full,
@@ -300,44 +323,69 @@ mod tests {
         }
     }
 
+    /// One read takes everything queued, in order, and says it was all; more than a batch's
+    /// worth is read in batches; an empty socket is drained; large datagrams pass whole.
     #[test]
-    fn fill_stops_at_would_block_and_keeps_what_came_before_an_error() {
-        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    fn fill_reads_what_is_queued_in_one_call() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let from = tx.local_addr().unwrap();
         Batch::with(|b| {
-            let mut left = 3;
-            let why = b.fill(|buf| {
-                if left == 0 {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                left -= 1;
-                buf[..4].copy_from_slice(b"abcd");
-                Ok((4, from))
-            });
-            assert!(matches!(why, Fill::Drained));
-            assert_eq!(b.items.len(), 3);
-            assert_eq!(b.bytes(b.items[2].1.clone()), b"abcd");
-            assert_eq!(b.items[1].1, 4..8);
-        });
-        Batch::with(|b| {
-            let mut calls = 0;
-            let why = b.fill(|_| {
-                calls += 1;
-                if calls == 2 {
-                    return Err(io::ErrorKind::ConnectionRefused.into());
-                }
-                Ok((0, from))
-            });
-            assert!(matches!(why, Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused));
-            assert_eq!(b.items.len(), 1);
-        });
-        // A full batch stops at the buffer's room: four largest datagrams.
-        Batch::with(|b| {
-            assert!(matches!(b.fill(|buf| Ok((buf.len(), from))), Fill::Full));
-            assert_eq!(b.items.len(), 4);
-            // And at 64 datagrams, however small.
-            b.clear();
-            assert!(matches!(b.fill(|_| Ok((1, from))), Fill::Full));
+            assert!(matches!(b.fill(&rx, None), Fill::Drained));
+            assert!(b.items.is_empty());
+            for d in [&b"one"[..], b"two", b"three"] {
+                tx.send_to(d, to).unwrap();
+            }
+            assert!(matches!(b.fill(&rx, None), Fill::Drained));
+            let got: Vec<&[u8]> = b.items.iter().map(|(_, r)| b.bytes(r.clone())).collect();
+            assert_eq!(got, [&b"one"[..], b"two", b"three"]);
+            assert!(b.items.iter().all(|(a, _)| *a == from));
+            for i in 0..MAX_BATCH + 6 {
+                tx.send_to(&[i as u8; 10], to).unwrap();
+            }
+            assert!(matches!(b.fill(&rx, None), Fill::Full));
             assert_eq!(b.items.len(), MAX_BATCH);
+            assert_eq!(
+                b.bytes(b.items[MAX_BATCH - 1].1.clone())[0],
+                (MAX_BATCH - 1) as u8
+            );
+            assert!(matches!(b.fill(&rx, None), Fill::Drained));
+            assert_eq!(b.items.len(), 6);
+            assert_eq!(b.bytes(b.items[0].1.clone())[0], MAX_BATCH as u8);
+            let big = vec![7u8; 60_000];
+            tx.send_to(&big, to).unwrap();
+            let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+            assert!(matches!(b.fill(&rx, Some(peer)), Fill::Drained));
+            assert_eq!(b.items.len(), 1);
+            assert_eq!(
+                b.items[0].0, peer,
+                "a connected socket's datagrams are its peer's"
+            );
+            assert!(b.bytes(b.items[0].1.clone()) == big.as_slice());
         });
+    }
+
+    /// An ICMP error queued on a connected socket is reported by the read, not lost.
+    #[test]
+    fn fill_reports_a_refused_peer() {
+        let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dead = gone.local_addr().unwrap();
+        drop(gone);
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect(dead).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s.send(b"x").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let refused = loop {
+            let why = Batch::with(|b| b.fill(&s, None));
+            match why {
+                Fill::Failed(e) => break e.kind() == io::ErrorKind::ConnectionRefused,
+                _ if std::time::Instant::now() > deadline => break false,
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        assert!(refused, "ECONNREFUSED from the port-unreachable reply");
     }
 }

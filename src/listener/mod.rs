@@ -8,6 +8,8 @@
 //!
 //! Every task is spawned on the proxier's [`TaskTracker`], so shutdown can wait for all of them,
 //! and runs on a data-plane worker thread ([`workers`]), not on the control plane's runtime.
+//! UDP datagrams are moved by the UDP loops ([`udp_loops`]); a UDP listener's task on the
+//! tracker watches its tokens and ends once every loop has let go of the port.
 
 mod gso;
 mod keeper;

@@ -130,7 +130,7 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
     let mut batches = 0;
     loop {
         let (why, blocked) = Batch::with(|batch| {
-            let why = batch.fill(|buf| port.sock.recv_from(buf));
+            let why = batch.fill(&port.sock, None);
             let blocked = forward(batch, port, lp);
             (why, blocked)
         });
@@ -390,7 +390,7 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
     let shared = &port.shared;
     let client = session.client;
     let (why, unsent) = Batch::with(|batch| {
-        let why = batch.fill(|buf| session.backend.recv(buf).map(|n| (n, client)));
+        let why = batch.fill(&session.backend, Some(client));
         let mut unsent = Vec::new();
         if !batch.items.is_empty() {
             session.touch();

@@ -8,8 +8,9 @@
 //! worker and every wake-up for it runs on that worker's thread: the scheduler learns one thread
 //! per connection, and a datagram or request never crosses threads inside the proxy.
 //!
-//! How work is spread: each service port has one socket, given to the workers in turn; UDP
-//! sessions are served by the worker that owns their port. A TCP connection is served by the
+//! These threads carry TCP only; UDP has loops of its own ([`super::udp_loops`]).
+//!
+//! How work is spread: each service port has one socket, given to the workers in turn. A TCP connection is served by the
 //! worker that accepted it unless that worker already serves [`SLACK`] or more connections
 //! than the least loaded one; then it is handed to that one (as HAProxy's threads pass accepted
 //! connections to the least loaded thread). So a lone request/response connection never
