@@ -263,7 +263,7 @@ async fn a_backend_flood_is_relayed_in_order_without_starving_others() {
 
 /// Removing a UDP service ends its sessions at once and closes its socket: every UDP loop lets
 /// go of the port (the address can be bound again, which it cannot while any loop still holds
-/// the socket), and nothing is relayed for it any more.
+/// the socket).
 #[tokio::test]
 async fn removing_the_service_ends_its_sessions_and_frees_its_socket() {
     let cancel = CancellationToken::new();

@@ -79,11 +79,10 @@ impl Batch {
     /// datagrams all come from its peer); `None` records each datagram's source.
     pub(crate) fn fill(&mut self, sock: &impl AsRawFd, peer: Option<SocketAddr>) -> Fill {
         self.items.clear();
-        let mut slots: Vec<[IoSliceMut<'_>; 1]> = self
-            .buf
-            .chunks_mut(MAX_DATAGRAM)
-            .map(|c| [IoSliceMut::new(c)])
-            .collect();
+        // On the stack: a read allocates nothing.
+        let mut chunks = self.buf.chunks_mut(MAX_DATAGRAM);
+        let mut slots: [[IoSliceMut<'_>; 1]; MAX_BATCH] =
+            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().expect("a slot per datagram"))]);
         let received = match recvmmsg(
             sock.as_raw_fd(),
             &mut self.headers,

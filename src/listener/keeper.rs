@@ -91,11 +91,7 @@ mod tests {
                 std::future::pending::<()>(),
             ));
             // The first poll arms the timer, as a dial's first poll does; the drop cancels it.
-            std::future::poll_fn(|cx| {
-                assert!(timeout.as_mut().poll(cx).is_pending());
-                Poll::Ready(())
-            })
-            .await;
+            poll_once(timeout.as_mut()).await;
             drop(timeout);
             // Lets the runtime look at its reactor and timers between dials, as it does
             // between connections.

@@ -138,15 +138,14 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
         // wait, after the batch buffer is free again.
         let deadline = Instant::now() + SEND_WAIT;
         for (session, datagrams) in blocked {
-            for d in datagrams {
-                match send_waiting(&session.backend, &d, None, deadline) {
-                    Ok(sent) => Stats::add(&shared.stats.bytes_to_backend, sent as u64),
-                    Err(e) => {
-                        Stats::add(&shared.stats.udp_dropped, 1);
-                        debug!(service = %shared.name, backend.addr = %session.endpoint, error = %e, "datagram to backend dropped");
-                    }
-                }
-            }
+            send_blocked(
+                &session.backend,
+                &datagrams,
+                None,
+                deadline,
+                shared,
+                &shared.stats.bytes_to_backend,
+            );
         }
         match why {
             Fill::Drained => {
@@ -154,26 +153,24 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
                     return false;
                 }
                 // Another loop was woken meanwhile: what woke it is read here.
+                continue;
             }
             Fill::Failed(e) if is_resource_exhaustion(&e) => {
                 // Waited out: the next datagram's wake-up reads again.
                 warn!(service = %shared.name, error = %e, "UDP receive failed: out of resources");
-                while !port.gate.leave() {}
+                port.gate.release();
                 return false;
             }
             // ECONNREFUSED and the like from ICMP errors: reported once, then reading goes on
             // (the original's loop exited here and the port stayed dead).
-            Fill::Failed(_) | Fill::Full => {
-                if let Fill::Failed(e) = why {
-                    debug!(service = %shared.name, error = %e, "UDP receive error");
-                }
-                batches += 1;
-                if batches >= BATCHES_PER_TURN {
-                    // The loop comes back to it; a mark set meanwhile is honoured then.
-                    while !port.gate.leave() {}
-                    return true;
-                }
-            }
+            Fill::Failed(e) => debug!(service = %shared.name, error = %e, "UDP receive error"),
+            Fill::Full => {}
+        }
+        batches += 1;
+        if batches >= BATCHES_PER_TURN {
+            // The loop comes back to it, and reading again honours a mark set meanwhile.
+            port.gate.release();
+            return true;
         }
     }
 }
@@ -282,6 +279,27 @@ fn send_waiting(
                 }
             }
             other => return other,
+        }
+    }
+}
+
+/// Sends what a full socket did not take at once, in order, each waiting until `deadline` at
+/// most; what still finds no room is dropped and counted.
+fn send_blocked(
+    out: &UdpSocket,
+    datagrams: &[Vec<u8>],
+    dest: Option<SocketAddr>,
+    deadline: Instant,
+    shared: &Shared,
+    bytes: &AtomicU64,
+) {
+    for d in datagrams {
+        match send_waiting(out, d, dest, deadline) {
+            Ok(sent) => Stats::add(bytes, sent as u64),
+            Err(e) => {
+                Stats::add(&shared.stats.udp_dropped, 1);
+                debug!(service = %shared.name, dest = ?dest, error = %e, "datagram dropped: socket full");
+            }
         }
     }
 }
@@ -410,13 +428,14 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
         }
         (why, unsent)
     });
-    let deadline = Instant::now() + SEND_WAIT;
-    for datagram in unsent {
-        match send_waiting(&port.sock, &datagram, Some(client), deadline) {
-            Ok(sent) => Stats::add(&shared.stats.bytes_to_client, sent as u64),
-            Err(_) => Stats::add(&shared.stats.udp_dropped, 1),
-        }
-    }
+    send_blocked(
+        &port.sock,
+        &unsent,
+        Some(client),
+        Instant::now() + SEND_WAIT,
+        shared,
+        &shared.stats.bytes_to_client,
+    );
     match why {
         Fill::Drained => Ok(false),
         Fill::Full => Ok(true),

@@ -87,6 +87,12 @@ impl Gate {
         }
     }
 
+    /// Releases the gate whether or not it was marked: for a holder that will read the socket
+    /// again anyway, which honours any mark.
+    pub(crate) fn release(&self) {
+        self.0.store(OPEN, Ordering::Release);
+    }
+
     /// Releases the gate; false if another loop marked it meanwhile, and the holder must read
     /// again (it still holds the gate then).
     pub(crate) fn leave(&self) -> bool {
@@ -116,9 +122,6 @@ struct Mailbox {
     epoll: Epoll,
     wake: EventFd,
     inbox: Mutex<Vec<Cmd>>,
-    /// Whether `EPOLLEXCLUSIVE` was refused (kernels before 4.5): sockets are then added
-    /// without it, and every loop wakes for each datagram.
-    no_exclusive: std::sync::atomic::AtomicBool,
 }
 
 /// The UDP loops.
@@ -142,7 +145,6 @@ impl Loops {
                 epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
                 wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
                 inbox: Mutex::new(Vec::new()),
-                no_exclusive: Default::default(),
             });
             mailbox.epoll.add(
                 &mailbox.wake,
@@ -194,8 +196,15 @@ static LOOPS: OnceLock<Loops> = OnceLock::new();
 /// The process's UDP loops, one per CPU it may run on, started on first use.
 ///
 /// # Errors
-/// The first start failed (no epoll, eventfd or thread): UDP ports cannot be served.
+/// Starting failed (no epoll, eventfd or thread): UDP ports cannot be served; the next call
+/// tries again.
 pub(crate) fn loops() -> std::io::Result<&'static Loops> {
+    if let Some(l) = LOOPS.get() {
+        return Ok(l);
+    }
+    // One starter at a time: two listeners starting at once must not both start threads.
+    static STARTING: Mutex<()> = Mutex::new(());
+    let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(l) = LOOPS.get() {
         return Ok(l);
     }
@@ -294,27 +303,20 @@ impl Loop {
 
     fn add_port(&mut self, port: Arc<Port>) {
         let key = self.key();
-        let mut flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-        let exclusive = !self.mailbox.no_exclusive.load(Ordering::Relaxed);
-        let mut added = if exclusive {
-            self.mailbox.epoll.add(
-                port.sock.as_fd(),
-                EpollEvent::new(flags | EpollFlags::EPOLLEXCLUSIVE, key),
-            )
-        } else {
-            Err(nix::errno::Errno::EINVAL)
-        };
-        if added == Err(nix::errno::Errno::EINVAL) {
-            if exclusive {
-                self.mailbox.no_exclusive.store(true, Ordering::Relaxed);
-                debug!("EPOLLEXCLUSIVE refused; every UDP loop wakes for each datagram");
+        let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        let epoll = &self.mailbox.epoll;
+        let added = match epoll.add(
+            port.sock.as_fd(),
+            EpollEvent::new(edge | EpollFlags::EPOLLEXCLUSIVE, key),
+        ) {
+            // Kernels before 4.5: every loop then wakes for each datagram, and the gate still
+            // lets one read.
+            Err(nix::errno::Errno::EINVAL) => {
+                debug!(service = %port.shared.name, "EPOLLEXCLUSIVE refused; watching without it");
+                epoll.add(port.sock.as_fd(), EpollEvent::new(edge, key))
             }
-            flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-            added = self
-                .mailbox
-                .epoll
-                .add(port.sock.as_fd(), EpollEvent::new(flags, key));
-        }
+            other => other,
+        };
         match added {
             Ok(()) => {
                 self.entries.insert(key, Entry::Port(port));
@@ -375,8 +377,8 @@ impl Loop {
                 match udp::relay_replies(&port, &session) {
                     Ok(more) => more,
                     Err(why) => {
+                        // The next sweep, due or not, finds one session fewer.
                         self.close(key, why);
-                        self.update_sweep();
                         return;
                     }
                 }

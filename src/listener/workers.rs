@@ -6,12 +6,12 @@
 //! place on the CPUs. On a small VM where waking an idle vCPU costs about 25 µs, a request then
 //! pays for whichever thread happens to hold the reactor. Here a socket is registered with one
 //! worker and every wake-up for it runs on that worker's thread: the scheduler learns one thread
-//! per connection, and a datagram or request never crosses threads inside the proxy.
+//! per connection, and a TCP request never crosses threads inside the proxy.
 //!
 //! These threads carry TCP only; UDP has loops of its own ([`super::udp_loops`]).
 //!
-//! How work is spread: each service port has one socket, given to the workers in turn. A TCP connection is served by the
-//! worker that accepted it unless that worker already serves [`SLACK`] or more connections
+//! How work is spread: each service port has one socket, given to the workers in turn. A TCP
+//! connection is served by the worker that accepted it unless that worker already serves [`SLACK`] or more connections
 //! than the least loaded one; then it is handed to that one (as HAProxy's threads pass accepted
 //! connections to the least loaded thread). So a lone request/response connection never
 //! crosses threads, and one busy port still spreads over every core.
