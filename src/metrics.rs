@@ -139,6 +139,7 @@ pub fn render(st: &Status) -> String {
     );
 
     workers(&mut out, &crate::listener::worker_status());
+    udp_loops(&mut out, &crate::listener::udp_steps_aside());
 
     type Field = fn(&Stats) -> &std::sync::atomic::AtomicU64;
     let families: [(&str, &str, &str, Field); 10] = [
@@ -246,6 +247,19 @@ fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
     }
 }
 
+/// The UDP loops: how often one left a flooded service socket to the loop that owns its
+/// sessions (`src/listener/udp_loops.rs`).
+fn udp_loops(out: &mut String, steps_aside: &[u64]) {
+    let name = "userspace_proxy_udp_loop_steps_aside_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Times a UDP event loop left a flooded service socket to the loop that owns its sessions\n# TYPE {name} counter"
+    );
+    for (i, n) in steps_aside.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{loop=\"{i}\"}} {n}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +311,7 @@ mod tests {
             "userspace_proxy_udp_sessions_active",
             "userspace_proxy_worker_connections",
             "userspace_proxy_worker_connections_taken_total",
+            "userspace_proxy_udp_loop_steps_aside_total",
         ] {
             assert!(
                 out.contains(&format!("# TYPE {family} ")),

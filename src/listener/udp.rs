@@ -40,6 +40,52 @@ pub(crate) struct Port {
     gate: Gate,
     /// Set when the listener closes: datagrams still queued are not forwarded.
     closed: AtomicBool,
+    /// How many loops watch the socket now; a loop may step aside only while another watches.
+    pub(crate) watchers: AtomicUsize,
+    /// 1 + the index of the loop that should read the socket while it is flooded: the one
+    /// that owns the session the last full batch was mostly for. 0: never flooded.
+    reader: AtomicUsize,
+    /// When a read last filled the batch, in milliseconds of [`clock_ms`].
+    full_at: AtomicU64,
+}
+
+/// How long after the last full batch the socket still counts as flooded. A flood has gaps
+/// (the reader catches up, reads a short batch, then falls behind again): those must not bring
+/// the other loops back for each datagram. Twice the time a loop stays aside.
+const FLOOD_MEMORY_MS: u64 = 20;
+
+/// Milliseconds since the first call: a clock for flood bookkeeping.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Port {
+    pub(crate) fn new(sock: UdpSocket, shared: Arc<Shared>) -> Port {
+        Port {
+            sock,
+            shared,
+            table: Mutex::new(HashMap::new()),
+            gate: Gate::default(),
+            closed: AtomicBool::new(false),
+            watchers: AtomicUsize::new(0),
+            reader: AtomicUsize::new(0),
+            full_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether loop `index` should stop watching the socket for a while, having found another
+    /// loop reading it: yes while it is flooded for another loop's sessions.
+    pub(crate) fn step_aside(&self, index: usize) -> bool {
+        self.flooded_for().is_some_and(|r| r != index)
+    }
+
+    /// The loop that should read the socket while it is flooded; `None` when it is not.
+    pub(crate) fn flooded_for(&self) -> Option<usize> {
+        let reader = self.reader.load(Ordering::Relaxed).checked_sub(1)?;
+        let since = clock_ms().saturating_sub(self.full_at.load(Ordering::Relaxed));
+        (since <= FLOOD_MEMORY_MS).then_some(reader)
+    }
 }
 
 impl Port {
@@ -52,6 +98,8 @@ impl Port {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) backend: UdpSocket,
+    /// The loop that opened it, which alone reads its replies.
+    owner: usize,
     endpoint: SocketAddr,
     client: SocketAddr,
     born: Instant,
@@ -100,13 +148,7 @@ pub(crate) fn start(
     kill: CancellationToken,
 ) -> io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let loops = udp_loops::loops()?;
-    let port = Arc::new(Port {
-        sock,
-        shared,
-        table: Mutex::new(HashMap::new()),
-        gate: Gate::default(),
-        closed: AtomicBool::new(false),
-    });
+    let port = Arc::new(Port::new(sock, shared));
     loops.add(&port);
     Ok(async move {
         tokio::select! {
@@ -120,18 +162,41 @@ pub(crate) fn start(
     })
 }
 
+/// What a loop's turn at a service socket came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Read until the queue was empty (or the port is closed).
+    Done,
+    /// There may be more than this turn read.
+    More,
+    /// Another loop is reading it, and will read what woke this one.
+    Taken,
+}
+
 /// Reads what the service socket has queued and forwards it, unless another loop is at it.
-/// Returns true if there may be more than this turn read.
-pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
-    if port.closed.load(Ordering::Relaxed) || !port.gate.enter() {
-        return false;
+///
+/// Also notes whether the socket is flooded, and for which loop's sessions: a full batch is a
+/// flood, and its largest client's session names the loop that should read the socket, the one
+/// that reads that session's replies. One thread then carries the flood both ways with full
+/// batches, while the other loops step aside (see [`Port::step_aside`]).
+pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
+    if port.closed.load(Ordering::Relaxed) {
+        return Turn::Done;
+    }
+    if !port.gate.enter() {
+        return Turn::Taken;
     }
     let shared = &port.shared;
     let mut batches = 0;
     loop {
         let (why, blocked) = Batch::with(|batch| {
             let why = batch.fill(&port.sock, None);
-            let blocked = forward(batch, port, lp);
+            let (blocked, top) = forward(batch, port, lp);
+            if batch.items.len() == gso::MAX_BATCH {
+                port.reader
+                    .store(top.map_or(lp.index(), |s| s.owner) + 1, Ordering::Relaxed);
+                port.full_at.store(clock_ms(), Ordering::Relaxed);
+            }
             (why, blocked)
         });
         // Datagrams a full backend socket could not take at once: sent in order, with a short
@@ -150,7 +215,7 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
         match why {
             Fill::Drained => {
                 if port.gate.leave() {
-                    return false;
+                    return Turn::Done;
                 }
                 // Another loop was woken meanwhile: what woke it is read here.
                 continue;
@@ -159,7 +224,7 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
                 // Waited out: the next datagram's wake-up reads again.
                 warn!(service = %shared.name, error = %e, "UDP receive failed: out of resources");
                 port.gate.release();
-                return false;
+                return Turn::Done;
             }
             // ECONNREFUSED and the like from ICMP errors: reported once, then reading goes on
             // (the original's loop exited here and the port stayed dead).
@@ -170,7 +235,7 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
         if batches >= BATCHES_PER_TURN {
             // The loop comes back to it, and reading again honours a mark set meanwhile.
             port.gate.release();
-            return true;
+            return Turn::More;
         }
     }
 }
@@ -179,9 +244,11 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> bool {
 type Blocked = Vec<(Arc<Session>, Vec<Vec<u8>>)>;
 
 /// Sends a batch read from the listener on to the backends: each client's datagrams, in the
-/// order they came, in as few sends as the segmentation rules allow.
-fn forward(batch: &Batch, port: &Arc<Port>, lp: &mut Loop) -> Blocked {
+/// order they came, in as few sends as the segmentation rules allow. Also returns the session
+/// that had the most datagrams.
+fn forward(batch: &Batch, port: &Arc<Port>, lp: &mut Loop) -> (Blocked, Option<Arc<Session>>) {
     let mut blocked = Blocked::new();
+    let mut top: Option<(usize, Arc<Session>)> = None;
     // A stable sort keeps each client's datagrams in arrival order.
     let mut order: Vec<usize> = (0..batch.items.len()).collect();
     order.sort_by_key(|&i| batch.items[i].0);
@@ -190,6 +257,9 @@ fn forward(batch: &Batch, port: &Arc<Port>, lp: &mut Loop) -> Blocked {
         let Some(session) = session_for(port, client, group.len() as u64, lp) else {
             continue;
         };
+        if top.as_ref().is_none_or(|(n, _)| group.len() > *n) {
+            top = Some((group.len(), session.clone()));
+        }
         let datagrams: Vec<&[u8]> = group
             .iter()
             .map(|&i| batch.bytes(batch.items[i].1.clone()))
@@ -206,7 +276,7 @@ fn forward(batch: &Batch, port: &Arc<Port>, lp: &mut Loop) -> Blocked {
             blocked.push((session, unsent));
         }
     }
-    blocked
+    (blocked, top.map(|(_, s)| s))
 }
 
 /// Sends datagrams for one destination in runs. A datagram the socket refuses (an ICMP error
@@ -342,6 +412,7 @@ fn session_for(
     let session = match connect_backend(endpoint) {
         Ok(backend) => Arc::new(Session {
             backend,
+            owner: lp.index(),
             endpoint,
             client,
             born: Instant::now(),
