@@ -19,10 +19,12 @@
 //! datagram that arrives, only for it to find the gate taken; and a flood's replies are read
 //! by the loop that owns its session, so two threads each ran and slept where one thread used
 //! to stay busy with full batches (99,000 to 128,000 datagrams/s delivered against 152,000 to
-//! 164,000 with a single loop). So a read that fills the batch marks the socket flooded, for the
-//! loop that owns the session the batch was mostly for; every other loop steps aside from the
-//! socket (stops watching it) for [`ASIDE`], telling that loop to read what it left, and
-//! watches it again after, while the last loop watching never leaves. A full batch is the
+//! 164,000 with a single loop). So a read that fills the batch while the port has one session
+//! marks the socket flooded, for the loop that owns that session; every other loop steps aside
+//! from the socket (stops watching it) for [`ASIDE`], telling that loop to read what it left,
+//! and watches it again after, while the last loop watching never leaves. (With several
+//! sessions every loop keeps reading: there each one reads its own sessions' replies, and
+//! handing the socket around measured slower.) A full batch is the
 //! signal because request/response traffic never fills one: stepping aside whenever the gate
 //! was taken won the flood back but lost the latency (85 to 89 µs), since in request/response
 //! traffic the loop sending a reply also gets the next request's event queued, and contention
@@ -34,7 +36,7 @@
 //! What runs where:
 //! - a service socket ([`super::udp::Port`]) is read by whichever loop the kernel wakes, one
 //!   loop at a time ([`Gate`]), so each client's datagrams leave in the order they came; while
-//!   it is flooded, only by the loop that owns the flood's session;
+//!   it is flooded by its one client, only by the loop that owns that client's session;
 //! - a session's backend socket is registered with the loop that opened the session, which
 //!   alone reads it, expires it and closes it;
 //! - commands (a port added or removed, a socket to read now) arrive through a queue and an
@@ -413,8 +415,9 @@ impl Loop {
     /// Why: under a flood the loop reading the socket is never waiting in `epoll_wait`, so the
     /// kernel wakes this one for each datagram that arrives, to find the gate taken: tens of
     /// thousands of wake-ups a second that do nothing but take CPU from the reader, the client
-    /// and the server. Nothing is left unread: the reader saw this loop's mark on the gate.
-    /// Returns whether it did.
+    /// and the server. Nothing is left unread: a loop that found the gate taken left its mark
+    /// for the reader, and one that was the reader either emptied the queue or tells the loop
+    /// it leaves the socket to (see [`Loop::serve`]). Returns whether it did.
     fn step_aside(&mut self, key: u64, port: &Port) -> bool {
         if self.is_aside(key) {
             return false;
@@ -716,6 +719,47 @@ mod tests {
         }
         assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
         assert!(!port.step_aside(1), "nothing to step aside for");
+    }
+
+    /// With more than one session on the port, a full batch leaves every loop reading: each
+    /// loop reads the replies of its own sessions, and handing the socket around between the
+    /// owners of whichever client led the last batch measured slower.
+    #[test]
+    fn a_port_with_several_clients_keeps_every_loop() {
+        let all: Mailboxes = (0..2)
+            .map(|_| Mailbox::new().map(Arc::new))
+            .collect::<std::io::Result<_>>()
+            .unwrap();
+        let (mut first, mut second) = (Loop::new(0, all.clone()), Loop::new(1, all.clone()));
+        let backend = roomy_socket();
+        let port = port_to(backend.local_addr().unwrap());
+        first.add_port(port.clone());
+        second.add_port(port.clone());
+        let (k0, k1) = (port_key(&first), port_key(&second));
+        let clients: Vec<UdpSocket> = (0..2)
+            .map(|_| {
+                let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.connect(port.sock.local_addr().unwrap()).unwrap();
+                c
+            })
+            .collect();
+        for c in &clients {
+            c.send(b"hello").unwrap();
+        }
+        readable(&port.sock);
+        first.serve(k0);
+        for i in 0..crate::listener::gso::MAX_BATCH * 2 {
+            clients[0].send(&(i as u32).to_be_bytes()).unwrap();
+        }
+        readable(&port.sock);
+        second.serve(k1);
+        assert_eq!(
+            port.flooded_for(),
+            None,
+            "two sessions: not one client's flood"
+        );
+        assert!(!second.is_aside(k1));
+        assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
     }
 
     #[test]
