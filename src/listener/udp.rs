@@ -43,7 +43,7 @@ pub(crate) struct Port {
     /// How many loops watch the socket now; a loop may step aside only while another watches.
     pub(crate) watchers: AtomicUsize,
     /// 1 + the index of the loop that should read the socket while it is flooded: the one
-    /// that owns the session the last full batch was mostly for. 0: never flooded.
+    /// that owns the port's one session. 0: never flooded.
     reader: AtomicUsize,
     /// When a read last filled the batch, in milliseconds of [`clock_ms`].
     full_at: AtomicU64,
@@ -74,8 +74,8 @@ impl Port {
         }
     }
 
-    /// Whether loop `index` should stop watching the socket for a while, having found another
-    /// loop reading it: yes while it is flooded for another loop's sessions.
+    /// Whether loop `index` should stop watching the socket for a while: yes while it is
+    /// flooded for a session another loop owns.
     pub(crate) fn step_aside(&self, index: usize) -> bool {
         self.flooded_for().is_some_and(|r| r != index)
     }
@@ -86,9 +86,7 @@ impl Port {
         let since = clock_ms().saturating_sub(self.full_at.load(Ordering::Relaxed));
         (since <= FLOOD_MEMORY_MS).then_some(reader)
     }
-}
 
-impl Port {
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Session>>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -194,9 +192,10 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
     loop {
         let (why, blocked) = Batch::with(|batch| {
             let why = batch.fill(&port.sock, None);
-            let (blocked, top) = forward(batch, port, lp);
+            let blocked = forward(batch, port, lp);
             if batch.items.len() == gso::MAX_BATCH {
-                if let Some((_, session)) = top.filter(|_| port.table().len() == 1) {
+                let table = port.table();
+                if let (1, Some(session)) = (table.len(), table.values().next()) {
                     port.reader.store(session.owner + 1, Ordering::Relaxed);
                     port.full_at.store(clock_ms(), Ordering::Relaxed);
                 }
@@ -248,15 +247,9 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
 type Blocked = Vec<(Arc<Session>, Vec<Vec<u8>>)>;
 
 /// Sends a batch read from the listener on to the backends: each client's datagrams, in the
-/// order they came, in as few sends as the segmentation rules allow. Also returns the session
-/// that had the most datagrams, with their number.
-fn forward(
-    batch: &Batch,
-    port: &Arc<Port>,
-    lp: &mut Loop,
-) -> (Blocked, Option<(usize, Arc<Session>)>) {
+/// order they came, in as few sends as the segmentation rules allow.
+fn forward(batch: &Batch, port: &Arc<Port>, lp: &mut Loop) -> Blocked {
     let mut blocked = Blocked::new();
-    let mut top: Option<(usize, Arc<Session>)> = None;
     // A stable sort keeps each client's datagrams in arrival order.
     let mut order: Vec<usize> = (0..batch.items.len()).collect();
     order.sort_by_key(|&i| batch.items[i].0);
@@ -265,9 +258,6 @@ fn forward(
         let Some(session) = session_for(port, client, group.len() as u64, lp) else {
             continue;
         };
-        if top.as_ref().is_none_or(|(n, _)| group.len() > *n) {
-            top = Some((group.len(), session.clone()));
-        }
         let datagrams: Vec<&[u8]> = group
             .iter()
             .map(|&i| batch.bytes(batch.items[i].1.clone()))
@@ -284,7 +274,7 @@ fn forward(
             blocked.push((session, unsent));
         }
     }
-    (blocked, top)
+    blocked
 }
 
 /// Sends datagrams for one destination in runs. A datagram the socket refuses (an ICMP error

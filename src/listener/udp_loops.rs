@@ -642,6 +642,33 @@ mod tests {
         assert_eq!(n, 1, "a datagram arrives within 5 s");
     }
 
+    /// Two loops, not running, both watching one service port whose backend is `backend`.
+    struct Pair {
+        loops: [Loop; 2],
+        all: Mailboxes,
+        port: Arc<Port>,
+        backend: UdpSocket,
+    }
+
+    fn two_loops() -> Pair {
+        let all: Mailboxes = (0..2)
+            .map(|_| Mailbox::new().map(Arc::new))
+            .collect::<std::io::Result<_>>()
+            .unwrap();
+        let mut loops = [Loop::new(0, all.clone()), Loop::new(1, all.clone())];
+        let backend = roomy_socket();
+        let port = port_to(backend.local_addr().unwrap());
+        for lp in &mut loops {
+            lp.add_port(port.clone());
+        }
+        Pair {
+            loops,
+            all,
+            port,
+            backend,
+        }
+    }
+
     fn port_key(lp: &Loop) -> u64 {
         lp.entries
             .iter()
@@ -655,15 +682,12 @@ mod tests {
     /// 0, the last one watching, never steps aside, and every datagram reaches the backend.
     #[test]
     fn a_loop_leaves_a_flooded_socket_to_the_sessions_owner_and_comes_back() {
-        let all: Mailboxes = (0..2)
-            .map(|_| Mailbox::new().map(Arc::new))
-            .collect::<std::io::Result<_>>()
-            .unwrap();
-        let (mut owner, mut other) = (Loop::new(0, all.clone()), Loop::new(1, all.clone()));
-        let backend = roomy_socket();
-        let port = port_to(backend.local_addr().unwrap());
-        owner.add_port(port.clone());
-        other.add_port(port.clone());
+        let Pair {
+            loops: [mut owner, mut other],
+            all,
+            port,
+            backend,
+        } = two_loops();
         assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
         let (k0, k1) = (port_key(&owner), port_key(&other));
 
@@ -726,15 +750,12 @@ mod tests {
     /// owners of whichever client led the last batch measured slower.
     #[test]
     fn a_port_with_several_clients_keeps_every_loop() {
-        let all: Mailboxes = (0..2)
-            .map(|_| Mailbox::new().map(Arc::new))
-            .collect::<std::io::Result<_>>()
-            .unwrap();
-        let (mut first, mut second) = (Loop::new(0, all.clone()), Loop::new(1, all.clone()));
-        let backend = roomy_socket();
-        let port = port_to(backend.local_addr().unwrap());
-        first.add_port(port.clone());
-        second.add_port(port.clone());
+        let Pair {
+            loops: [mut first, mut second],
+            port,
+            backend: _backend,
+            ..
+        } = two_loops();
         let (k0, k1) = (port_key(&first), port_key(&second));
         let clients: Vec<UdpSocket> = (0..2)
             .map(|_| {
