@@ -12,10 +12,10 @@
 //! tracker watches its tokens and ends once every loop has let go of the port.
 
 mod gso;
-mod keeper;
 pub mod splice;
 pub mod stats;
 pub mod tcp;
+mod timers;
 pub mod udp;
 mod udp_loops;
 mod workers;

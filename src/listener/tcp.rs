@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::timers;
 use super::workers::{workers, Load};
 use super::{is_resource_exhaustion, Shared, Stats, DIAL_TIMEOUTS};
 use crate::balancer::Balancer;
@@ -64,7 +65,7 @@ pub(crate) async fn accept_loop(
                 warn!(service = %shared.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed: out of descriptors or memory; pausing");
                 tokio::select! {
                     _ = accept.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = timers::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
             }
@@ -147,14 +148,13 @@ async fn dial(
             debug!(service = %shared.name, client.addr = %peer, "no endpoints; closing client connection");
             return None;
         };
-        super::keeper::dialing();
-        match tokio::time::timeout(*timeout, TcpStream::connect(endpoint)).await {
-            Ok(Ok(stream)) => return Some((stream, endpoint)),
-            Ok(Err(e)) => {
+        match timers::timeout(*timeout, TcpStream::connect(endpoint)).await {
+            Some(Ok(stream)) => return Some((stream, endpoint)),
+            Some(Err(e)) => {
                 Stats::add(&shared.stats.dial_failures, 1);
                 debug!(service = %shared.name, backend.addr = %endpoint, attempt, error = %e, "dial failed");
             }
-            Err(_) => {
+            None => {
                 Stats::add(&shared.stats.dial_failures, 1);
                 debug!(service = %shared.name, backend.addr = %endpoint, attempt, timeout_ms = timeout.as_millis() as u64, "dial timed out");
             }

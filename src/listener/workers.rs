@@ -21,8 +21,9 @@
 //! 2 CPUs then need 20,000 descriptors, past the 20,000 `RLIMIT_NOFILE` these hosts allow
 //! (measured: programming 10,000 ports went from 1 s to 190 s, waiting out `EMFILE`).
 //!
-//! The threads live as long as the process; each listener's tasks stop with its tokens. What
-//! each thread runs itself is its timer keeper ([`super::keeper`]).
+//! The threads live as long as the process; each listener's tasks stop with its tokens. Their
+//! runtimes have no timer driver: the few timers their tasks need are on a thread of their own
+//! ([`super::timers`], which says why).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -104,17 +105,17 @@ impl Workers {
     fn start(n: usize) -> Workers {
         let workers = (0..n.max(1))
             .map(|i| {
-                // I/O and timers only: no signal or child-process driver, whose orphan reaping
-                // would otherwise run on every park (seen in perf on the request path).
+                // I/O only: no signal or child-process driver, whose orphan reaping would
+                // otherwise run on every park (seen in perf on the request path), and no timer
+                // driver, which reads the clock on every park ([`super::timers`]).
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_io()
-                    .enable_time()
                     .build()
                     .expect("data-plane runtime");
                 let handle = rt.handle().clone();
                 std::thread::Builder::new()
                     .name(format!("proxy-worker-{i}"))
-                    .spawn(move || rt.block_on(super::keeper::keep()))
+                    .spawn(move || rt.block_on(std::future::pending::<()>()))
                     .expect("data-plane thread");
                 Worker {
                     handle,
