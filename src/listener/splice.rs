@@ -102,6 +102,14 @@ enum Stage {
     Done,
 }
 
+impl Stage {
+    /// Splicing, with no pipe taken yet.
+    const SPLICE: Stage = Stage::Splice {
+        pipe: None,
+        in_pipe: 0,
+    };
+}
+
 /// One direction: everything `src` sends goes to `dst` until EOF.
 ///
 /// A state machine polled by hand rather than an `async fn` per direction joined by
@@ -154,10 +162,7 @@ impl<'a> Pump<'a> {
                             self.total += w as u64;
                             if *off == buf.len() {
                                 self.stage = if *splice_next {
-                                    Stage::Splice {
-                                        pipe: None,
-                                        in_pipe: 0,
-                                    }
+                                    Stage::SPLICE
                                 } else {
                                     Stage::Copy
                                 };
@@ -244,10 +249,7 @@ impl<'a> Pump<'a> {
                         splice_next,
                     };
                 } else if splice_next && !in_splice {
-                    self.stage = Stage::Splice {
-                        pipe: None,
-                        in_pipe: 0,
-                    };
+                    self.stage = Stage::SPLICE;
                 }
             }
         }

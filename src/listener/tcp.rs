@@ -152,7 +152,7 @@ async fn dial(
             debug!(service = %shared.name, client.addr = %peer, "no endpoints; closing client connection");
             return None;
         };
-        match timers::timeout(*timeout, TcpStream::connect(endpoint)).await {
+        match timers::dial_timeout(*timeout, TcpStream::connect(endpoint)).await {
             Some(Ok(stream)) => return Some((stream, endpoint)),
             Some(Err(e)) => {
                 Stats::add(&shared.stats.dial_failures, 1);

@@ -7,7 +7,7 @@
 //! connection: without it the worker runs 4,389 instructions per request, against 5,258.
 //!
 //! The workers' only timers are a dial's timeout and the accept loop's pause when descriptors
-//! run out; both are armed on this thread's driver instead ([`sleep`], [`timeout`]). A timer
+//! run out; both are armed on this thread's driver instead ([`sleep`], [`dial_timeout`]). A timer
 //! that fires wakes the worker's task from here, which is rare (a dial that times out).
 //!
 //! Arming a timer on another thread's driver wakes that thread whenever the new timer is due
@@ -75,9 +75,9 @@ pub(crate) fn sleep(d: Duration) -> Sleep {
     tokio::time::sleep(d)
 }
 
-/// Runs `fut` for at most `d`: `None` if the time ran out first. For a dial: it keeps the
-/// keeper going.
-pub(crate) async fn timeout<F: Future>(d: Duration, fut: F) -> Option<F::Output> {
+/// Runs a dial, `fut`, for at most `d`: `None` if the time ran out first. It keeps the keeper
+/// going.
+pub(crate) async fn dial_timeout<F: Future>(d: Duration, fut: F) -> Option<F::Output> {
     dialing(&KEEPER);
     let timer = sleep(d);
     tokio::select! {
@@ -128,15 +128,20 @@ mod tests {
     }
 
     /// A timer runtime on a thread of its own, as [`handle`] starts, with its own keeper (or
-    /// none).
-    fn timer_thread(keeper: Option<&'static Keeper>) -> Handle {
+    /// none): its handle and the thread's id.
+    fn timer_thread(keeper: Option<&'static Keeper>) -> (Handle, i32) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
             .unwrap();
         let handle = rt.handle().clone();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // `/proc/thread-self` links to `<pid>/task/<tid>`.
+            let me = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+            let tid = me.file_name().and_then(|t| t.to_str()?.parse().ok());
+            tx.send(tid.expect("a thread id")).unwrap();
             rt.block_on(async move {
                 match keeper {
                     Some(k) => keep(k).await,
@@ -144,25 +149,39 @@ mod tests {
                 }
             })
         });
-        handle
+        (handle, rx.recv().unwrap())
     }
 
-    /// Arms `n` dial timeouts on `timers` from this thread, one after another, each cancelled
-    /// before the next (as a dial that connects cancels its timeout); returns this thread's
-    /// writes meanwhile.
-    fn arm_dial_timers(timers: &Handle, keeper: Option<&Keeper>, n: usize) -> u64 {
+    /// How many times thread `tid` of this process has gone to sleep.
+    fn sleeps(tid: i32) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).expect("task status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches in the task's status")
+    }
+
+    /// Arms `n` dial timeouts on the timer thread `(timers, tid)` from this thread, one after
+    /// another, each cancelled before the next (as a dial that connects cancels its timeout);
+    /// returns this thread's writes meanwhile. With a keeper, the first dial wakes it, and the
+    /// next ones wait until the timer thread has slept again: by then the keeper's timer is
+    /// armed, as it is for the connections that follow the first.
+    fn arm_dial_timers(timers: &(Handle, i32), keeper: Option<&Keeper>, n: usize) -> u64 {
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
             .unwrap();
         worker.block_on(async {
             let before = writes();
-            for _ in 0..n {
+            for i in 0..n {
+                let slept = sleeps(timers.1);
                 if let Some(k) = keeper {
                     dialing(k);
                 }
                 let mut timer = Box::pin({
-                    let _on_timers = timers.enter();
+                    let _on_timers = timers.0.enter();
                     tokio::time::sleep(DIAL_TIMEOUTS[0])
                 });
                 // The first poll arms the timer, as a dial's first poll does; the drop cancels it.
@@ -172,9 +191,16 @@ mod tests {
                 })
                 .await;
                 drop(timer);
-                // Gives the timer thread time to park again between dials, as it has between
-                // connections.
-                std::thread::sleep(Duration::from_millis(2));
+                if keeper.is_some() && i == 0 {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    while sleeps(timers.1) == slept {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the timer thread never slept again after the first dial"
+                        );
+                        std::thread::yield_now();
+                    }
+                }
             }
             writes() - before
         })
@@ -182,8 +208,7 @@ mod tests {
 
     #[test]
     fn without_the_keeper_every_dial_timer_wakes_the_timer_thread() {
-        let timers = timer_thread(None);
-        let woken = arm_dial_timers(&timers, None, 20);
+        let woken = arm_dial_timers(&timer_thread(None), None, 20);
         assert!(woken >= 20, "{woken} writes for 20 timers");
     }
 
@@ -194,8 +219,7 @@ mod tests {
             waiting: AtomicBool::new(false),
             wake: Notify::const_new(),
         };
-        let timers = timer_thread(Some(&K));
-        let woken = arm_dial_timers(&timers, Some(&K), 20);
+        let woken = arm_dial_timers(&timer_thread(Some(&K)), Some(&K), 20);
         // The first dial finds the keeper waiting and wakes it, and its timer is the earliest;
         // none after.
         assert!(woken <= 2, "{woken} writes for 20 timers");
@@ -228,16 +252,19 @@ mod tests {
     }
 
     #[test]
-    fn timeout_gives_the_output_or_none_and_fires_from_the_timer_thread() {
+    fn dial_timeout_gives_the_output_or_none_and_fires_from_the_timer_thread() {
         // A worker-like runtime without a timer driver of its own.
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
             .unwrap();
         worker.block_on(async {
-            assert_eq!(timeout(Duration::from_secs(5), async { 7 }).await, Some(7));
+            assert_eq!(
+                dial_timeout(Duration::from_secs(5), async { 7 }).await,
+                Some(7)
+            );
             let pending = std::future::pending::<()>();
-            assert_eq!(timeout(Duration::from_millis(20), pending).await, None);
+            assert_eq!(dial_timeout(Duration::from_millis(20), pending).await, None);
             sleep(Duration::from_millis(1)).await;
         });
     }
