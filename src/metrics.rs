@@ -139,7 +139,7 @@ pub fn render(st: &Status) -> String {
     );
 
     workers(&mut out, &crate::listener::worker_status());
-    udp_loops(&mut out, &crate::listener::udp_steps_aside());
+    udp_loops(&mut out, &crate::listener::udp_loop_status());
 
     type Field = fn(&Stats) -> &std::sync::atomic::AtomicU64;
     let families: [(&str, &str, &str, Field); 10] = [
@@ -247,16 +247,30 @@ fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
     }
 }
 
-/// The UDP loops: how often one left a flooded service socket to the loop that owns its
-/// sessions (`src/listener/udp_loops.rs`).
-fn udp_loops(out: &mut String, steps_aside: &[u64]) {
-    let name = "userspace_proxy_udp_loop_steps_aside_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Times a UDP event loop left a flooded service socket to the loop that owns its sessions\n# TYPE {name} counter"
-    );
-    for (i, n) in steps_aside.iter().enumerate() {
-        let _ = writeln!(out, "{name}{{loop=\"{i}\"}} {n}");
+/// The UDP loops (`src/listener/udp_loops.rs`): how often one left a flooded service socket
+/// to the loop that owns its sessions, and which are parked because the process may run on
+/// fewer CPUs than there are loops.
+fn udp_loops(out: &mut String, status: &[crate::listener::UdpLoopStatus]) {
+    type Field = fn(&crate::listener::UdpLoopStatus) -> u64;
+    let families: [(&str, &str, &str, Field); 2] = [
+        (
+            "userspace_proxy_udp_loop_steps_aside_total",
+            "counter",
+            "Times a UDP event loop left a flooded service socket to the loop that owns its sessions",
+            |l| l.steps_aside,
+        ),
+        (
+            "userspace_proxy_udp_loop_parked",
+            "gauge",
+            "1 while a UDP event loop is parked: the process may run on fewer CPUs than there are loops",
+            |l| u64::from(l.parked),
+        ),
+    ];
+    for (name, kind, help, field) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, l) in status.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{loop=\"{i}\"}} {}", field(l));
+        }
     }
 }
 
@@ -312,6 +326,7 @@ mod tests {
             "userspace_proxy_worker_connections",
             "userspace_proxy_worker_connections_taken_total",
             "userspace_proxy_udp_loop_steps_aside_total",
+            "userspace_proxy_udp_loop_parked",
         ] {
             assert!(
                 out.contains(&format!("# TYPE {family} ")),

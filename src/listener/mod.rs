@@ -20,7 +20,7 @@ pub mod udp;
 mod udp_loops;
 mod workers;
 
-pub use udp_loops::steps_aside as udp_steps_aside;
+pub use udp_loops::{status as udp_loop_status, UdpLoopStatus};
 pub use workers::{status as worker_status, WorkerStatus};
 
 use std::collections::HashSet;
