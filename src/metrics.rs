@@ -221,57 +221,67 @@ pub fn render(st: &Status) -> String {
     out
 }
 
+/// One metric family with a sample per event loop: its name, type, help text and how to read
+/// it from one loop's status.
+type PerLoop<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
+/// Renders `families`, each with one sample per entry of `status`, labelled `label="index"`.
+fn per_loop<T>(out: &mut String, label: &str, status: &[T], families: &[PerLoop<T>]) {
+    for (name, kind, help, field) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, s) in status.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{{label}=\"{i}\"}} {}", field(s));
+        }
+    }
+}
+
 /// The data-plane event loops: how the TCP load sits on them, and how often a busy one handed
 /// a connection over (`src/listener/workers.rs`).
 fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
-    type Field = fn(&crate::listener::WorkerStatus) -> u64;
-    let families: [(&str, &str, &str, Field); 2] = [
-        (
-            "userspace_proxy_worker_connections",
-            "gauge",
-            "TCP connections each data-plane event loop serves",
-            |w| w.connections as u64,
-        ),
-        (
-            "userspace_proxy_worker_connections_taken_total",
-            "counter",
-            "Connections a busier event loop handed to this one",
-            |w| w.taken,
-        ),
-    ];
-    for (name, kind, help, field) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (i, w) in status.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", field(w));
-        }
-    }
+    per_loop(
+        out,
+        "worker",
+        status,
+        &[
+            (
+                "userspace_proxy_worker_connections",
+                "gauge",
+                "TCP connections each data-plane event loop serves",
+                |w| w.connections as u64,
+            ),
+            (
+                "userspace_proxy_worker_connections_taken_total",
+                "counter",
+                "Connections a busier event loop handed to this one",
+                |w| w.taken,
+            ),
+        ],
+    );
 }
 
 /// The UDP loops (`src/listener/udp_loops.rs`): how often one left a flooded service socket
 /// to the loop that owns its sessions, and which are parked because the process may run on
 /// fewer CPUs than there are loops.
 fn udp_loops(out: &mut String, status: &[crate::listener::UdpLoopStatus]) {
-    type Field = fn(&crate::listener::UdpLoopStatus) -> u64;
-    let families: [(&str, &str, &str, Field); 2] = [
-        (
-            "userspace_proxy_udp_loop_steps_aside_total",
-            "counter",
-            "Times a UDP event loop left a flooded service socket to the loop that owns its sessions",
-            |l| l.steps_aside,
-        ),
-        (
-            "userspace_proxy_udp_loop_parked",
-            "gauge",
-            "1 while a UDP event loop is parked: the process may run on fewer CPUs than there are loops",
-            |l| u64::from(l.parked),
-        ),
-    ];
-    for (name, kind, help, field) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (i, l) in status.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{loop=\"{i}\"}} {}", field(l));
-        }
-    }
+    per_loop(
+        out,
+        "loop",
+        status,
+        &[
+            (
+                "userspace_proxy_udp_loop_steps_aside_total",
+                "counter",
+                "Times a UDP event loop left a flooded service socket to the loop that owns its sessions",
+                |l| l.steps_aside,
+            ),
+            (
+                "userspace_proxy_udp_loop_parked",
+                "gauge",
+                "1 while a UDP event loop is parked: the process may run on fewer CPUs than there are loops",
+                |l| u64::from(l.parked),
+            ),
+        ],
+    );
 }
 
 #[cfg(test)]
@@ -307,6 +317,28 @@ mod tests {
         );
         assert!(
             out.contains("userspace_proxy_worker_connections_taken_total{worker=\"1\"} 7\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn udp_loops_render_one_sample_each() {
+        let mut out = String::new();
+        let l = |steps_aside, parked| crate::listener::UdpLoopStatus {
+            steps_aside,
+            parked,
+        };
+        udp_loops(&mut out, &[l(4, false), l(0, true)]);
+        assert!(
+            out.contains("userspace_proxy_udp_loop_steps_aside_total{loop=\"0\"} 4\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_udp_loop_parked{loop=\"0\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_udp_loop_parked{loop=\"1\"} 1\n"),
             "{out}"
         );
     }
