@@ -34,16 +34,17 @@
 //! unchanged (32.4 µs against 33.1, nginx 32.7).
 //!
 //! The loops follow the CPUs the process may run on now, not only the ones it started with.
-//! When its affinity or its cgroup's CPU quota shrinks below the number of loops (`taskset`,
-//! a cpuset change by the kubelet's CPU manager), the loops past that number park: they stop
+//! When its CPU affinity shrinks below the number of loops (`taskset`, a cpuset change by the
+//! kubelet's CPU manager), the loops past that number park: they stop
 //! watching the service sockets and only finish the sessions they own. Without that, two loops
 //! sharing one CPU both stay in the socket's wait queue, and the kernel wakes the second one
 //! for about half of the requests, because the first one is still on its way back to
 //! `epoll_wait` after sending the last reply: an extra context switch per two requests.
 //! Measured on one CPU, 5 rounds of 5,000 UDP requests, p50: 15.6 to 16.2 µs with both loops
-//! watching, 14.2 to 14.8 µs with one (socat 14.8 to 15.5, nginx 16.0 to 16.5). A loop reads
-//! the process's CPUs at most once every [`CPU_CHECK`], when it wakes anyway, so an idle proxy
-//! does nothing for it; parked loops watch again as soon as the CPUs come back. (More loops
+//! watching, 14.2 to 14.8 µs with one (socat 14.8 to 15.5, nginx 16.0 to 16.5); with parking,
+//! in another run of the same protocol, 12.4 to 14.1 µs against 12.7 to 14.4 for a proxy
+//! started on that CPU (socat 13.3 to 14.9). A loop reads its affinity mask at most once every
+//! [`CPU_CHECK`], when it wakes anyway, so an idle proxy does nothing for it; parked loops watch again as soon as the CPUs come back. (More loops
 //! than the process started with are not started: they come with a restart.)
 //!
 //! What runs where:
@@ -201,8 +202,8 @@ impl Mailbox {
 /// service sockets.
 struct Crew {
     mailboxes: Vec<Arc<Mailbox>>,
-    /// How many CPUs the process may run on, as last read, at most the number of loops: loops
-    /// with an index below it watch the service sockets, the others are parked.
+    /// How many CPUs the process may run on, as a loop last read it, capped at the number of
+    /// loops: loops with an index below it watch the service sockets, the others are parked.
     cpus: AtomicUsize,
 }
 
