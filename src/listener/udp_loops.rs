@@ -423,13 +423,14 @@ impl Loop {
             for key in again {
                 self.serve(key);
             }
-            if self.next_sweep.is_some_and(|at| Instant::now() >= at) {
+            // One clock read for the three things that may be due after a wake-up.
+            let now = Instant::now();
+            if self.next_sweep.is_some_and(|at| now >= at) {
                 self.sweep();
             }
             if !self.aside.is_empty() {
-                self.come_back();
+                self.come_back(now);
             }
-            let now = Instant::now();
             if now >= self.next_cpu_check {
                 self.next_cpu_check = now + CPU_CHECK;
                 if let Some(cpus) = cpus_now() {
@@ -469,12 +470,7 @@ impl Loop {
             self.park();
         } else {
             for key in std::mem::take(&mut self.unwatched) {
-                let Some(Entry::Port(port)) = self.entries.get(&key) else {
-                    continue; // removed meanwhile
-                };
-                if let Err(e) = self.watch(port, key) {
-                    warn!(service = %port.shared.name, error = %e, loop_index = self.index, "UDP loop cannot watch the service socket again");
-                }
+                self.watch_again(key);
             }
         }
         // After the sockets: what the metrics (and tests) see is done.
@@ -597,10 +593,9 @@ impl Loop {
         true
     }
 
-    /// Watches again the sockets whose time aside is up; their queue, if any, wakes this loop
-    /// at once (a socket added with data waiting is ready straight away).
-    fn come_back(&mut self) {
-        let now = Instant::now();
+    /// Watches again the sockets whose time aside was up at `now`; their queue, if any, wakes
+    /// this loop at once (a socket added with data waiting is ready straight away).
+    fn come_back(&mut self, now: Instant) {
         let mut back = Vec::new();
         self.aside.retain(|&(key, at)| {
             let due = at <= now;
@@ -610,14 +605,20 @@ impl Loop {
             !due
         });
         for key in back {
-            let Some(Entry::Port(port)) = self.entries.get(&key) else {
-                continue; // removed meanwhile
-            };
-            if self.parked {
-                self.unwatched.push(key);
-            } else if let Err(e) = self.watch(port, key) {
-                warn!(service = %port.shared.name, error = %e, loop_index = self.index, "UDP loop cannot watch the service socket again");
-            }
+            self.watch_again(key);
+        }
+    }
+
+    /// Watches again a service socket this loop stopped watching (stepping aside or parked),
+    /// unless it was removed meanwhile; a parked loop only notes it among those it leaves.
+    fn watch_again(&mut self, key: u64) {
+        let Some(Entry::Port(port)) = self.entries.get(&key) else {
+            return;
+        };
+        if self.parked {
+            self.unwatched.push(key);
+        } else if let Err(e) = self.watch(port, key) {
+            warn!(service = %port.shared.name, error = %e, loop_index = self.index, "UDP loop cannot watch the service socket again");
         }
     }
 
@@ -903,7 +904,7 @@ mod tests {
         while other.is_aside(k1) || port.flooded_for().is_some() {
             assert!(Instant::now() < deadline, "loop 1 came back within 5 s");
             std::thread::sleep(Duration::from_millis(2));
-            other.come_back();
+            other.come_back(Instant::now());
         }
         assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
         assert!(!port.step_aside(1), "nothing to step aside for");

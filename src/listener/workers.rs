@@ -105,9 +105,10 @@ impl Workers {
     fn start(n: usize) -> Workers {
         let workers = (0..n.max(1))
             .map(|i| {
-                // I/O only: no signal or child-process driver, whose orphan reaping would
-                // otherwise run on every park (seen in perf on the request path), and no timer
-                // driver, which reads the clock on every park ([`super::timers`]).
+                // I/O only. No timer driver, which reads the clock on every park
+                // ([`super::timers`]). tokio still layers its signal driver over the I/O
+                // driver (the crate has the `signal` feature); on a park without a signal that
+                // is one flag check, 0.9% of a request's instructions in callgrind.
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .build()
