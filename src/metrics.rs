@@ -259,9 +259,8 @@ fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
     );
 }
 
-/// The UDP loops (`src/listener/udp_loops.rs`): how often one left a flooded service socket
-/// to the loop that owns its sessions, and which are parked because the process may run on
-/// fewer CPUs than there are loops.
+/// The UDP loops (`src/listener/udp_loops.rs`): how many sessions with a front each carries,
+/// and which are parked because the process may run on fewer CPUs than there are loops.
 fn udp_loops(out: &mut String, status: &[crate::listener::UdpLoopStatus]) {
     per_loop(
         out,
@@ -269,10 +268,10 @@ fn udp_loops(out: &mut String, status: &[crate::listener::UdpLoopStatus]) {
         status,
         &[
             (
-                "userspace_proxy_udp_loop_steps_aside_total",
-                "counter",
-                "Times a UDP event loop left a flooded service socket to the loop that owns its sessions",
-                |l| l.steps_aside,
+                "userspace_proxy_udp_loop_fronts",
+                "gauge",
+                "UDP sessions whose client a UDP event loop carries both ways, on a socket connected to the client",
+                |l| l.fronts,
             ),
             (
                 "userspace_proxy_udp_loop_parked",
@@ -324,13 +323,10 @@ mod tests {
     #[test]
     fn udp_loops_render_one_sample_each() {
         let mut out = String::new();
-        let l = |steps_aside, parked| crate::listener::UdpLoopStatus {
-            steps_aside,
-            parked,
-        };
+        let l = |fronts, parked| crate::listener::UdpLoopStatus { fronts, parked };
         udp_loops(&mut out, &[l(4, false), l(0, true)]);
         assert!(
-            out.contains("userspace_proxy_udp_loop_steps_aside_total{loop=\"0\"} 4\n"),
+            out.contains("userspace_proxy_udp_loop_fronts{loop=\"0\"} 4\n"),
             "{out}"
         );
         assert!(
@@ -357,7 +353,7 @@ mod tests {
             "userspace_proxy_udp_sessions_active",
             "userspace_proxy_worker_connections",
             "userspace_proxy_worker_connections_taken_total",
-            "userspace_proxy_udp_loop_steps_aside_total",
+            "userspace_proxy_udp_loop_fronts",
             "userspace_proxy_udp_loop_parked",
         ] {
             assert!(

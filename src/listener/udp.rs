@@ -1,7 +1,10 @@
 //! UDP: one session per client address, each with a connected socket to its backend.
 //!
-//! Replies leave from the service's own socket, so conntrack un-NATs them back to the portal
-//! address the client sent to. A session ends after `udpIdleTimeout` without traffic in either
+//! Replies leave from the service's own address and port, so conntrack un-NATs them back to the
+//! portal address the client sent to. A session also gets its own socket on that address and
+//! port, connected to the client (its front, see [`open_front`]), up to [`FRONTS_PER_PORT`] per
+//! service port: the kernel then delivers that client's datagrams to the front instead of the
+//! shared service socket, and the loop that owns the session carries both directions. A session ends after `udpIdleTimeout` without traffic in either
 //! direction, on a backend error (the next datagram then opens a session to the next endpoint),
 //! or when the service port is removed. Datagrams up to 65,507 bytes pass whole (the original
 //! truncated at 4 KiB, kubernetes#47659). Datagrams move in batches ([`super::gso`]): what a
@@ -40,51 +43,24 @@ pub(crate) struct Port {
     gate: Gate,
     /// Set when the listener closes: datagrams still queued are not forwarded.
     closed: AtomicBool,
-    /// How many loops watch the socket now; a loop may step aside only while another watches.
-    pub(crate) watchers: AtomicUsize,
-    /// 1 + the index of the loop that should read the socket while it is flooded: the one
-    /// that owns the port's one session. 0: never flooded.
-    reader: AtomicUsize,
-    /// When a read last filled the batch, in milliseconds of [`clock_ms`].
-    full_at: AtomicU64,
-}
-
-/// How long after the last full batch the socket still counts as flooded. A flood has gaps
-/// (the reader catches up, reads a short batch, then falls behind again): those must not bring
-/// the other loops back for each datagram. Twice the time a loop stays aside.
-const FLOOD_MEMORY_MS: u64 = 20;
-
-/// Milliseconds since the first call: a clock for flood bookkeeping.
-fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    /// The service socket's own address: where fronts bind.
+    local: Option<SocketAddr>,
+    /// Sessions of this port that have a front now.
+    pub(crate) fronts: AtomicUsize,
 }
 
 impl Port {
     pub(crate) fn new(sock: UdpSocket, shared: Arc<Shared>) -> Port {
+        let local = sock.local_addr().ok();
         Port {
             sock,
             shared,
             table: Mutex::new(HashMap::new()),
             gate: Gate::default(),
             closed: AtomicBool::new(false),
-            watchers: AtomicUsize::new(0),
-            reader: AtomicUsize::new(0),
-            full_at: AtomicU64::new(0),
+            local,
+            fronts: AtomicUsize::new(0),
         }
-    }
-
-    /// Whether loop `index` should stop watching the socket for a while: yes while it is
-    /// flooded for a session another loop owns.
-    pub(crate) fn step_aside(&self, index: usize) -> bool {
-        self.flooded_for().is_some_and(|r| r != index)
-    }
-
-    /// The loop that should read the socket while it is flooded; `None` when it is not.
-    pub(crate) fn flooded_for(&self) -> Option<usize> {
-        let reader = self.reader.load(Ordering::Relaxed).checked_sub(1)?;
-        let since = clock_ms().saturating_sub(self.full_at.load(Ordering::Relaxed));
-        (since <= FLOOD_MEMORY_MS).then_some(reader)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Session>>> {
@@ -96,10 +72,12 @@ impl Port {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) backend: UdpSocket,
-    /// The loop that opened it, which alone reads its replies.
-    owner: usize,
+    /// A socket on the service's address and port connected to the client, which the kernel
+    /// gives that client's datagrams to; `None` past [`FRONTS_PER_PORT`] or when it could not
+    /// be opened: the client's datagrams then come through the service socket.
+    pub(crate) front: Option<UdpSocket>,
     endpoint: SocketAddr,
-    client: SocketAddr,
+    pub(crate) client: SocketAddr,
     born: Instant,
     /// `Shared::generation` when the endpoint was last known to be current.
     generation: AtomicU64,
@@ -112,6 +90,69 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    fn new(
+        backend: UdpSocket,
+        front: Option<UdpSocket>,
+        endpoint: SocketAddr,
+        client: SocketAddr,
+        generation: u64,
+    ) -> Arc<Session> {
+        Arc::new(Session {
+            backend,
+            front,
+            endpoint,
+            client,
+            born: Instant::now(),
+            generation: AtomicU64::new(generation),
+            last_ms: AtomicU64::new(0),
+            to_backend: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
+            to_client: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
+        })
+    }
+
+    /// A session of `port` for `client`, owned by `lp`, with `front` as given (a test's stand-in
+    /// for a front that took other clients' datagrams before it was connected).
+    #[cfg(test)]
+    pub(crate) fn open_for_test(
+        port: &Arc<Port>,
+        client: SocketAddr,
+        front: UdpSocket,
+        lp: &mut Loop,
+    ) -> Arc<Session> {
+        let endpoint = port.shared.balancer.endpoints()[0];
+        let generation = port.shared.generation.load(Ordering::Relaxed);
+        let session = Session::new(
+            connect_backend(endpoint).unwrap(),
+            Some(front),
+            endpoint,
+            client,
+            generation,
+        );
+        port.fronts.fetch_add(1, Ordering::AcqRel);
+        lp.own(port, &session).unwrap();
+        port.table().insert(client, session.clone());
+        Stats::add(&port.shared.stats.udp_sessions_active, 1);
+        session
+    }
+
+    /// Whether the session's endpoint is still one of the service's: checked against the
+    /// endpoint list only when it changed since the last check.
+    fn current(&self, shared: &Shared, generation: u64) -> bool {
+        let current = self.generation.load(Ordering::Relaxed) == generation
+            || shared.balancer.endpoints().contains(&self.endpoint);
+        if current {
+            self.generation.store(generation, Ordering::Relaxed);
+        }
+        current
+    }
+    /// Where replies to the client leave from, and the address they need: the front, connected
+    /// already, or the service socket.
+    fn reply_path<'a>(&'a self, port: &'a Port) -> (&'a UdpSocket, Option<SocketAddr>) {
+        match &self.front {
+            Some(front) => (front, None),
+            None => (&port.sock, Some(self.client)),
+        }
+    }
     fn touch(&self) {
         self.last_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -131,6 +172,55 @@ fn connect_backend(endpoint: SocketAddr) -> io::Result<UdpSocket> {
     sock.connect(endpoint)?;
     sock.set_nonblocking(true)?;
     Ok(sock)
+}
+
+/// Most sessions of one service port that get a front ([`open_front`]); later sessions use the
+/// service socket both ways, as every session did before fronts.
+///
+/// Why a bound: Linux before 6.13 finds the socket for an incoming datagram by scoring every
+/// socket bound to its address and port in turn, so each front makes every datagram to the
+/// port a little dearer. 64 keeps that walk short on such kernels; since 6.13 connected sockets
+/// are also hashed by their four-tuple and found at once.
+pub(crate) const FRONTS_PER_PORT: usize = 64;
+
+/// Opens a session's front: a socket bound to the service socket's address and port
+/// (`SO_REUSEADDR`; not `SO_REUSEPORT`, which would put it in the service socket's group and
+/// have the kernel hash other clients' datagrams to it) and connected to the client.
+///
+/// Why: with one service socket shared by every loop, a request is read by whichever loop the
+/// kernel finds free and its reply by the loop that owns the session, so a request/response
+/// round wakes two threads and often moves the owner between CPUs. A connected socket scores
+/// higher than the service socket in the kernel's lookup, so the client's next datagrams come
+/// to the front, which only the owner watches: one thread then carries the session both ways,
+/// as socat's per-client process does. Replies sent on it leave from the same address and port
+/// as from the service socket, so conntrack un-NATs them the same.
+///
+/// Between the bind and the connect the unconnected front is a match for any client's
+/// datagram and may take some; [`relay_requests`] hands those on by their source. The
+/// client's own datagrams that reached the service socket before the connect are still read
+/// from there: at the start of a flood, when the loop that opened the session leaves some of
+/// them for another loop, those may be sent on alongside the first ones from the front, out of
+/// order.
+pub(crate) fn open_front(local: SocketAddr, client: SocketAddr) -> io::Result<UdpSocket> {
+    let front = bind_front(local)?;
+    front.connect(client)?;
+    Ok(front)
+}
+
+/// A front bound but not yet connected ([`open_front`]).
+fn bind_front(local: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(
+        Domain::for_address(local),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    if local.is_ipv6() {
+        sock.set_only_v6(false).ok();
+    }
+    sock.bind(&local.into())?;
+    Ok(sock.into())
 }
 
 /// Serves a UDP service port on the UDP loops until `accept` or `kill` is cancelled; the
@@ -172,14 +262,7 @@ pub(crate) enum Turn {
 }
 
 /// Reads what the service socket has queued and forwards it, unless another loop is at it.
-///
-/// Also notes whether the socket is flooded by its one client: a full batch while the port has
-/// a single session names the loop that should read the socket, the one that reads that
-/// session's replies. One thread then carries the flood both ways with full batches, while the
-/// other loops step aside (see [`Port::step_aside`]). With more sessions every loop keeps
-/// reading: measured with 4 clients flooding at once, stepping aside for the client that led
-/// the last full batch (even only when it sent 3/4 of it) delivered 22,000-42,000
-/// datagrams/s, against 54,000-71,000 without.
+/// What comes here is mostly new clients' first datagrams: a client with a front sends to it.
 pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
     if port.closed.load(Ordering::Relaxed) {
         return Turn::Done;
@@ -192,29 +275,9 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
     loop {
         let (why, blocked) = Batch::with(|batch| {
             let why = batch.fill(&port.sock, None);
-            let blocked = forward(batch, port, lp);
-            if batch.items.len() == gso::MAX_BATCH {
-                let table = port.table();
-                if let (1, Some(session)) = (table.len(), table.values().next()) {
-                    port.reader.store(session.owner + 1, Ordering::Relaxed);
-                    port.full_at.store(clock_ms(), Ordering::Relaxed);
-                }
-            }
-            (why, blocked)
+            (why, forward(batch, port, lp))
         });
-        // Datagrams a full backend socket could not take at once: sent in order, with a short
-        // wait, after the batch buffer is free again.
-        let deadline = Instant::now() + SEND_WAIT;
-        for (session, datagrams) in blocked {
-            send_blocked(
-                &session.backend,
-                &datagrams,
-                None,
-                deadline,
-                shared,
-                &shared.stats.bytes_to_backend,
-            );
-        }
+        send_blocked_to_backends(blocked, shared);
         match why {
             Fill::Drained => {
                 if port.gate.leave() {
@@ -245,6 +308,94 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
 
 /// Datagrams left unsent because a socket was full, copied out of the batch buffer.
 type Blocked = Vec<(Arc<Session>, Vec<Vec<u8>>)>;
+
+/// Sends what full backend sockets could not take at once: in order, with a short wait, after
+/// the batch buffer is free again.
+fn send_blocked_to_backends(blocked: Blocked, shared: &Shared) {
+    let deadline = Instant::now() + SEND_WAIT;
+    for (session, datagrams) in blocked {
+        send_blocked(
+            &session.backend,
+            &datagrams,
+            None,
+            deadline,
+            shared,
+            &shared.stats.bytes_to_backend,
+        );
+    }
+}
+
+/// Relays one batch of what the client sent to a session's front on to its backend.
+/// `Ok(true)`: there may be more, read on the loop's next turn; `Err`: the session ends, with
+/// the reason.
+///
+/// The front is read by its owner alone, which also expires it, so the session is touched
+/// without the table's lock. Datagrams from other clients (taken before the front was
+/// connected), and the client's own once its endpoint is gone, go the way of the service
+/// socket's ([`forward`]): to their sessions, opened or moved as needed.
+pub(crate) fn relay_requests(
+    port: &Arc<Port>,
+    session: &Arc<Session>,
+    lp: &mut Loop,
+) -> Result<bool, &'static str> {
+    let Some(front) = &session.front else {
+        return Ok(false);
+    };
+    let shared = &port.shared;
+    let (why, blocked, moved) = Batch::with(|batch| {
+        let why = batch.fill(front, None);
+        if batch.items.is_empty() {
+            return (why, Blocked::new(), false);
+        }
+        let generation = shared.generation.load(Ordering::Relaxed);
+        let own = batch.items.iter().all(|(from, _)| *from == session.client);
+        if !own || !session.current(shared, generation) {
+            return (why, forward(batch, port, lp), true);
+        }
+        session.touch();
+        let datagrams: Vec<&[u8]> = batch
+            .items
+            .iter()
+            .map(|(_, r)| batch.bytes(r.clone()))
+            .collect();
+        let unsent = send_all(
+            &session.backend,
+            &datagrams,
+            None,
+            &session.to_backend,
+            shared,
+            &shared.stats.bytes_to_backend,
+        );
+        let blocked = if unsent.is_empty() {
+            Blocked::new()
+        } else {
+            vec![(session.clone(), unsent)]
+        };
+        (why, blocked, false)
+    });
+    send_blocked_to_backends(blocked, shared);
+    if moved && !in_table(port, session) {
+        // Its endpoint went away and the client has a new session now, with a front of its
+        // own: this one is done.
+        return Err("replaced");
+    }
+    match why {
+        Fill::Drained => Ok(false),
+        Fill::Full => Ok(true),
+        // The client's port is closed (an ICMP error on the connected front): it has gone.
+        Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("client gone"),
+        Fill::Failed(e) => {
+            debug!(service = %shared.name, client.addr = %session.client, error = %e, "UDP front receive error");
+            Ok(false)
+        }
+    }
+}
+
+fn in_table(port: &Port, session: &Arc<Session>) -> bool {
+    port.table()
+        .get(&session.client)
+        .is_some_and(|s| Arc::ptr_eq(s, session))
+}
 
 /// Sends a batch read from the listener on to the backends: each client's datagrams, in the
 /// order they came, in as few sends as the segmentation rules allow.
@@ -385,10 +536,7 @@ fn session_for(
     let mut map = port.table();
     let generation = shared.generation.load(Ordering::Relaxed);
     if let Some(s) = map.get(&client).cloned() {
-        let current = s.generation.load(Ordering::Relaxed) == generation
-            || shared.balancer.endpoints().contains(&s.endpoint);
-        if current {
-            s.generation.store(generation, Ordering::Relaxed);
+        if s.current(shared, generation) {
             s.touch();
             return Some(s);
         }
@@ -408,17 +556,13 @@ fn session_for(
         return None;
     };
     let session = match connect_backend(endpoint) {
-        Ok(backend) => Arc::new(Session {
+        Ok(backend) => Session::new(
             backend,
-            owner: lp.index(),
+            front_for(port, client),
             endpoint,
             client,
-            born: Instant::now(),
-            generation: AtomicU64::new(generation),
-            last_ms: AtomicU64::new(0),
-            to_backend: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
-            to_client: AtomicUsize::new(gso::INITIAL_MAX_SEGMENT),
-        }),
+            generation,
+        ),
         Err(e) => {
             Stats::add(&shared.stats.dial_failures, 1);
             Stats::add(&shared.stats.udp_dropped, datagrams);
@@ -427,6 +571,9 @@ fn session_for(
         }
     };
     if let Err(e) = lp.own(port, &session) {
+        if session.front.is_some() {
+            port.fronts.fetch_sub(1, Ordering::AcqRel);
+        }
         Stats::add(&shared.stats.udp_dropped, datagrams);
         warn!(service = %shared.name, error = %e, "UDP session cannot be watched; datagram dropped");
         return None;
@@ -435,6 +582,24 @@ fn session_for(
     Stats::add(&shared.stats.udp_sessions_active, 1);
     debug!(service = %shared.name, client.addr = %client, backend.addr = %endpoint, "UDP session opened");
     Some(session)
+}
+
+/// A front for a new session of `port` ([`open_front`]), unless the port has its share.
+fn front_for(port: &Port, client: SocketAddr) -> Option<UdpSocket> {
+    let local = port.local?;
+    port.fronts
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < FRONTS_PER_PORT).then_some(n + 1)
+        })
+        .ok()?;
+    match open_front(local, client) {
+        Ok(front) => Some(front),
+        Err(e) => {
+            port.fronts.fetch_sub(1, Ordering::AcqRel);
+            debug!(service = %port.shared.name, client.addr = %client, error = %e, "UDP front not opened; the session uses the service socket");
+            None
+        }
+    }
 }
 
 /// Why a session its loop checks should end now, if it should: it was replaced in the table
@@ -466,6 +631,9 @@ pub(crate) fn end_session(port: &Port, session: &Arc<Session>, reason: &'static 
             map.remove(&session.client);
         }
     }
+    if session.front.is_some() {
+        port.fronts.fetch_sub(1, Ordering::AcqRel);
+    }
     Stats::dec(&port.shared.stats.udp_sessions_active);
     debug!(service = %port.shared.name, client.addr = %session.client, backend.addr = %session.endpoint, reason, "UDP session closed");
 }
@@ -476,6 +644,7 @@ pub(crate) fn end_session(port: &Port, session: &Arc<Session>, reason: &'static 
 pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'static str> {
     let shared = &port.shared;
     let client = session.client;
+    let (out, dest) = session.reply_path(port);
     let (why, unsent) = Batch::with(|batch| {
         let why = batch.fill(&session.backend, Some(client));
         let mut unsent = Vec::new();
@@ -487,9 +656,9 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
                 .map(|(_, r)| batch.bytes(r.clone()))
                 .collect();
             unsent = send_all(
-                &port.sock,
+                out,
                 &datagrams,
-                Some(client),
+                dest,
                 &session.to_client,
                 shared,
                 &shared.stats.bytes_to_client,
@@ -498,9 +667,9 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
         (why, unsent)
     });
     send_blocked(
-        &port.sock,
+        out,
         &unsent,
-        Some(client),
+        dest,
         Instant::now() + SEND_WAIT,
         shared,
         &shared.stats.bytes_to_client,

@@ -14,29 +14,32 @@
 //! thread waiting in `epoll_wait` on the very instance. Measured with these loops, same
 //! protocol, four rounds: 33.8 to 34.4 µs, nginx 34.8 to 35.3.
 //!
-//! Under a flood that sharing has a price, and the loops avoid paying it. The loop reading a
-//! flooded socket never waits in `epoll_wait`, so the kernel wakes another loop for each
-//! datagram that arrives, only for it to find the gate taken; and a flood's replies are read
-//! by the loop that owns its session, so two threads each ran and slept where one thread used
-//! to stay busy with full batches (99,000 to 128,000 datagrams/s delivered against 152,000 to
-//! 164,000 with a single loop). So a read that fills the batch while the port has one session
-//! marks the socket flooded, for the loop that owns that session; every other loop steps aside
-//! from the socket (stops watching it) for [`ASIDE`], telling that loop to read what it left,
-//! and watches it again after, while the last loop watching never leaves. (With several
-//! sessions every loop keeps reading: there each one reads its own sessions' replies, and
-//! handing the socket around measured slower.) A full batch is the
-//! signal because request/response traffic never fills one: stepping aside whenever the gate
-//! was taken won the flood back but lost the latency (85 to 89 µs), since in request/response
-//! traffic the loop sending a reply also gets the next request's event queued, and contention
-//! on the gate is the normal case there, not a sign of load. Measured, with stepping aside:
-//! 133,000 to 166,000 datagrams/s, one loop carrying the flood (under 1,300 voluntary context
-//! switches a second, against 25,000 for the two loops before); UDP request/response p50
-//! unchanged (32.4 µs against 33.1, nginx 32.7).
+//! That sharing is for new clients. A client's first datagram opens its session on the loop
+//! that read it, and the session gets a front ([`super::udp::open_front`]): a socket on the
+//! service's address and port, connected to the client, that the kernel prefers for that
+//! client's later datagrams. Only the session's loop watches the front and the backend socket,
+//! so one thread carries the session both ways and no other loop is woken for it, as with
+//! socat's process per client. Sharing one socket for everything cost a second thread per
+//! request (the other loop read 0.67 to 0.80 datagrams per request, and the owner migrated
+//! 0.41 to 0.54 times a request to read the reply). Measured, one run, each 5,000 UDP
+//! requests, p50:
+//!
+//! | setting | with fronts | without | nginx |
+//! |---|---|---|---|
+//! | halt polling on, 3 rounds | 13.0 to 14.0 µs | 19.2 to 19.8 | 19.1 to 19.4 |
+//! | halt polling off, 4 rounds | 27.4 to 31.3 µs | 33.6 to 36.7 | 36.1 to 39.2 |
+//!
+//! With fronts the owner migrated 0.20 to 0.42 times a request, and the other loop did not run.
+//! A flood from one client is carried the same way, by one loop with full batches both ways:
+//! 214,000 and 216,000 datagrams/s delivered in two runs, against 112,000 and 117,000 for the
+//! loops before fronts, which had to hand a flooded service socket to the session's owner
+//! (stepping aside) so as not to wake a second loop for each datagram; nginx 83,000 and
+//! 84,000.
 //!
 //! The loops follow the CPUs the process may run on now, not only the ones it started with.
 //! When its CPU affinity shrinks below the number of loops (`taskset`, a cpuset change by the
-//! kubelet's CPU manager), the loops past that number park: they stop
-//! watching the service sockets and only finish the sessions they own. Without that, two loops
+//! kubelet's CPU manager), the loops past that number park: they stop watching the service
+//! sockets and only serve the sessions they own. Without that, two loops
 //! sharing one CPU both stay in the socket's wait queue, and the kernel wakes the second one
 //! for about half of the requests, because the first one is still on its way back to
 //! `epoll_wait` after sending the last reply: an extra context switch per two requests.
@@ -44,15 +47,16 @@
 //! watching, 14.2 to 14.8 µs with one (socat 14.8 to 15.5, nginx 16.0 to 16.5); with parking,
 //! in another run of the same protocol, 12.4 to 14.1 µs against 12.7 to 14.4 for a proxy
 //! started on that CPU (socat 13.3 to 14.9). A loop reads its affinity mask at most once every
-//! [`CPU_CHECK`], when it wakes anyway, so an idle proxy does nothing for it; parked loops watch again as soon as the CPUs come back. (More loops
-//! than the process started with are not started: they come with a restart.)
+//! [`CPU_CHECK`], when it wakes anyway, so an idle proxy does nothing for it; parked loops
+//! watch again as soon as the CPUs come back. (More loops than the process started with are
+//! not started: they come with a restart.) A parked loop keeps its sessions' fronts: each of
+//! those clients stays on one thread.
 //!
 //! What runs where:
 //! - a service socket ([`super::udp::Port`]) is read by whichever loop the kernel wakes, one
-//!   loop at a time ([`Gate`]), so each client's datagrams leave in the order they came; while
-//!   it is flooded by its one client, only by the loop that owns that client's session;
-//! - a session's backend socket is registered with the loop that opened the session, which
-//!   alone reads it, expires it and closes it;
+//!   loop at a time ([`Gate`]), so each client's datagrams leave in the order they came;
+//! - a session's backend socket and front are registered with the loop that opened the
+//!   session, which alone reads them, expires the session and closes it;
 //! - commands (a port added or removed, a socket to read now) arrive through a queue and an
 //!   `eventfd`.
 //!
@@ -85,12 +89,6 @@ pub(crate) const BATCHES_PER_TURN: usize = 4;
 /// How often at most a loop reads how many CPUs it may run on: when that changes, loops park
 /// or come back within this time of the next datagram. Reading the mask is one system call.
 const CPU_CHECK: Duration = Duration::from_millis(100);
-
-/// How long a loop that stepped aside from a flooded service socket stays away before it
-/// watches it again (and steps aside again if the flood goes on). Short enough that when the
-/// flood ends every loop is back within a blink; long enough that stepping aside costs a few
-/// hundred system calls a second.
-const ASIDE: Duration = Duration::from_millis(10);
 
 /// Serialises the reading of one service socket among the loops the kernel wakes for it.
 ///
@@ -152,8 +150,7 @@ enum Cmd {
     Add(Arc<Port>),
     /// Stop reading it, close the sessions this loop opened for it, then answer.
     Remove(Arc<Port>, oneshot::Sender<()>),
-    /// Read this service socket now: the loop that was reading it stepped aside for this one
-    /// with datagrams still queued.
+    /// Read this service socket now: a loop that parked left it with datagrams perhaps queued.
     Read(Arc<Port>),
     /// The number of CPUs the process may run on changed ([`Crew::cpus`]): park if this loop's
     /// index is not below it, watch the service sockets again if it is.
@@ -165,8 +162,8 @@ struct Mailbox {
     epoll: Epoll,
     wake: EventFd,
     inbox: Mutex<Vec<Cmd>>,
-    /// Times it stepped aside from a flooded service socket.
-    stepped_aside: AtomicU64,
+    /// Sessions with a front it carries now.
+    fronts: AtomicU64,
     /// Whether it is parked: the process may run on fewer CPUs than there are loops.
     parked: AtomicBool,
 }
@@ -177,7 +174,7 @@ impl Mailbox {
             epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
             wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
             inbox: Mutex::new(Vec::new()),
-            stepped_aside: AtomicU64::new(0),
+            fronts: AtomicU64::new(0),
             parked: AtomicBool::new(false),
         };
         mailbox.epoll.add(
@@ -281,8 +278,8 @@ static LOOPS: OnceLock<Loops> = OnceLock::new();
 /// What the metrics show of one UDP loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpLoopStatus {
-    /// Times it stepped aside from a flooded service socket, since start.
-    pub steps_aside: u64,
+    /// Sessions with a front it carries now (each such client's traffic, both ways).
+    pub fronts: u64,
     /// Whether it is parked, the process having fewer CPUs than loops.
     pub parked: bool,
 }
@@ -294,7 +291,7 @@ pub fn status() -> Vec<UdpLoopStatus> {
             .mailboxes
             .iter()
             .map(|m| UdpLoopStatus {
-                steps_aside: m.stepped_aside.load(Ordering::Relaxed),
+                fronts: m.fronts.load(Ordering::Relaxed),
                 parked: m.parked.load(Ordering::Relaxed),
             })
             .collect()
@@ -337,15 +334,22 @@ pub(crate) fn loops() -> std::io::Result<&'static Loops> {
 /// What a key in a loop's epoll set stands for.
 enum Entry {
     Port(Arc<Port>),
-    Session(Arc<Port>, Arc<Session>),
+    /// A session's backend socket; `front`: the key of its front, if it has one.
+    Session {
+        port: Arc<Port>,
+        session: Arc<Session>,
+        front: Option<u64>,
+    },
+    /// A session's front, under the key of its backend socket's entry.
+    Front(u64),
 }
 
 /// One loop's own state, touched by its thread only.
 pub(crate) struct Loop {
     index: usize,
     mailbox: Arc<Mailbox>,
-    /// Every loop's mailbox, this one's included: a loop that steps aside tells the one it
-    /// leaves a socket to.
+    /// Every loop's mailbox, this one's included: a loop that parks tells loop 0 to read the
+    /// sockets it leaves.
     crew: Arc<Crew>,
     entries: HashMap<u64, Entry>,
     next_key: u64,
@@ -353,8 +357,6 @@ pub(crate) struct Loop {
     again: Vec<u64>,
     /// When the sessions this loop owns should next be checked for idleness.
     next_sweep: Option<Instant>,
-    /// Service sockets this loop stepped aside from, and when it watches each again.
-    aside: Vec<(u64, Instant)>,
     /// Whether it is parked ([`Crew::cpus`]); then `unwatched` holds every service socket's key.
     parked: bool,
     /// Service sockets this loop does not watch because it is parked.
@@ -373,16 +375,10 @@ impl Loop {
             next_key: WAKE_KEY + 1,
             again: Vec::new(),
             next_sweep: None,
-            aside: Vec::new(),
             parked: false,
             unwatched: Vec::new(),
             next_cpu_check: Instant::now() + CPU_CHECK,
         }
-    }
-
-    /// This loop's index among the loops.
-    pub(crate) fn index(&self) -> usize {
-        self.index
     }
 
     fn run(mut self) {
@@ -391,8 +387,7 @@ impl Loop {
             let timeout = if !self.again.is_empty() {
                 EpollTimeout::ZERO
             } else {
-                let back = self.aside.iter().map(|(_, at)| *at).min();
-                match self.next_sweep.into_iter().chain(back).min() {
+                match self.next_sweep {
                     None => EpollTimeout::NONE,
                     Some(at) => {
                         let ms = at
@@ -423,13 +418,10 @@ impl Loop {
             for key in again {
                 self.serve(key);
             }
-            // One clock read for the three things that may be due after a wake-up.
+            // One clock read for the two things that may be due after a wake-up.
             let now = Instant::now();
             if self.next_sweep.is_some_and(|at| now >= at) {
                 self.sweep();
-            }
-            if !self.aside.is_empty() {
-                self.come_back(now);
             }
             if now >= self.next_cpu_check {
                 self.next_cpu_check = now + CPU_CHECK;
@@ -479,27 +471,22 @@ impl Loop {
 
     /// Stops watching every service socket. Loop 0, which never parks, is told to read each
     /// one once: an event this loop had taken for a datagram still queued would otherwise wait
-    /// for the next arrival. Unlike stepping aside this may leave a socket that no other loop
-    /// watches right now, one loop 0 stepped aside from: loop 0 watches it again within
-    /// [`ASIDE`], and a socket watched again with datagrams queued is ready at once.
+    /// for the next arrival. Its sessions' fronts it keeps: their clients' traffic stays on
+    /// this loop, one thread per session still.
     fn park(&mut self) {
         let ports: Vec<(u64, Arc<Port>)> = self
             .entries
             .iter()
             .filter_map(|(k, e)| match e {
-                Entry::Port(p) if !self.is_aside(*k) => Some((*k, p.clone())),
+                Entry::Port(p) => Some((*k, p.clone())),
                 _ => None,
             })
             .collect();
         for (key, port) in ports {
             self.mailbox.epoll.delete(port.sock.as_fd()).ok();
-            port.watchers.fetch_sub(1, Ordering::AcqRel);
             self.unwatched.push(key);
             self.crew.mailboxes[0].post(Cmd::Read(port));
         }
-        // Those it stepped aside from stay unwatched until it comes back.
-        self.unwatched
-            .extend(self.aside.drain(..).map(|(key, _)| key));
     }
 
     fn commands(&mut self) {
@@ -545,11 +532,11 @@ impl Loop {
         }
     }
 
-    /// Registers a service socket with this loop's epoll set under `key`, and counts it watched.
+    /// Registers a service socket with this loop's epoll set under `key`.
     fn watch(&self, port: &Port, key: u64) -> nix::Result<()> {
         let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
         let epoll = &self.mailbox.epoll;
-        let added = match epoll.add(
+        match epoll.add(
             port.sock.as_fd(),
             EpollEvent::new(edge | EpollFlags::EPOLLEXCLUSIVE, key),
         ) {
@@ -560,57 +547,11 @@ impl Loop {
                 epoll.add(port.sock.as_fd(), EpollEvent::new(edge, key))
             }
             other => other,
-        };
-        if added.is_ok() {
-            port.watchers.fetch_add(1, Ordering::AcqRel);
-        }
-        added
-    }
-
-    /// Stops watching a flooded service socket for [`ASIDE`], unless no other loop watches it.
-    ///
-    /// Why: under a flood the loop reading the socket is never waiting in `epoll_wait`, so the
-    /// kernel wakes this one for each datagram that arrives, to find the gate taken: tens of
-    /// thousands of wake-ups a second that do nothing but take CPU from the reader, the client
-    /// and the server. Nothing is left unread: a loop that found the gate taken left its mark
-    /// for the reader, and one that was the reader either emptied the queue or tells the loop
-    /// it leaves the socket to (see [`Loop::serve`]). Returns whether it did.
-    fn step_aside(&mut self, key: u64, port: &Port) -> bool {
-        if self.parked || self.is_aside(key) {
-            return false;
-        }
-        let others = port
-            .watchers
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                (w > 1).then(|| w - 1)
-            });
-        if others.is_err() {
-            return false;
-        }
-        self.mailbox.epoll.delete(port.sock.as_fd()).ok();
-        self.aside.push((key, Instant::now() + ASIDE));
-        self.mailbox.stepped_aside.fetch_add(1, Ordering::Relaxed);
-        true
-    }
-
-    /// Watches again the sockets whose time aside was up at `now`; their queue, if any, wakes
-    /// this loop at once (a socket added with data waiting is ready straight away).
-    fn come_back(&mut self, now: Instant) {
-        let mut back = Vec::new();
-        self.aside.retain(|&(key, at)| {
-            let due = at <= now;
-            if due {
-                back.push(key);
-            }
-            !due
-        });
-        for key in back {
-            self.watch_again(key);
         }
     }
 
-    /// Watches again a service socket this loop stopped watching (stepping aside or parked),
-    /// unless it was removed meanwhile; a parked loop only notes it among those it leaves.
+    /// Watches again a service socket this loop stopped watching when it parked, unless it was
+    /// removed meanwhile; a parked loop only notes it among those it leaves.
     fn watch_again(&mut self, key: u64) {
         let Some(Entry::Port(port)) = self.entries.get(&key) else {
             return;
@@ -627,7 +568,9 @@ impl Loop {
             .entries
             .iter()
             .filter(|(_, e)| match e {
-                Entry::Port(p) | Entry::Session(p, _) => Arc::ptr_eq(p, port),
+                Entry::Port(p) | Entry::Session { port: p, .. } => Arc::ptr_eq(p, port),
+                // Closed with their session.
+                Entry::Front(_) => false,
             })
             .map(|(k, _)| *k)
             .collect();
@@ -643,18 +586,37 @@ impl Loop {
         k
     }
 
-    /// Registers a session this loop opened; it owns it from now on.
+    /// Registers a session this loop opened, and its front if it has one; it owns them from
+    /// now on.
     pub(crate) fn own(&mut self, port: &Arc<Port>, session: &Arc<Session>) -> std::io::Result<()> {
         let key = self.key();
-        self.mailbox
-            .epoll
-            .add(
-                session.backend.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, key),
-            )
+        let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        let epoll = &self.mailbox.epoll;
+        epoll
+            .add(session.backend.as_fd(), EpollEvent::new(edge, key))
             .map_err(std::io::Error::from)?;
-        self.entries
-            .insert(key, Entry::Session(port.clone(), session.clone()));
+        let front = match &session.front {
+            Some(f) => {
+                let front_key = key + 1;
+                if let Err(e) = epoll.add(f.as_fd(), EpollEvent::new(edge, front_key)) {
+                    epoll.delete(session.backend.as_fd()).ok();
+                    return Err(e.into());
+                }
+                self.next_key += 1;
+                self.entries.insert(front_key, Entry::Front(key));
+                self.mailbox.fronts.fetch_add(1, Ordering::Relaxed);
+                Some(front_key)
+            }
+            None => None,
+        };
+        self.entries.insert(
+            key,
+            Entry::Session {
+                port: port.clone(),
+                session: session.clone(),
+                front,
+            },
+        );
         let due = session.deadline(port.shared.udp_idle_timeout);
         self.next_sweep = Some(self.next_sweep.map_or(due, |at| at.min(due)));
         Ok(())
@@ -665,25 +627,9 @@ impl Loop {
             None => return, // closed since the event was queued
             Some(Entry::Port(port)) => {
                 let port = port.clone();
-                let turn = udp::read_port(&port, self);
-                // Flooded for another loop's sessions: leave the socket to that loop, which
-                // then carries the flood both ways alone. If datagrams are left, it is told to
-                // read them, since no new arrival may come to wake it.
-                let leave = port.step_aside(self.index) && self.step_aside(key, &port);
-                match turn {
-                    udp::Turn::More if leave => {
-                        if let Some(to) =
-                            port.flooded_for().and_then(|i| self.crew.mailboxes.get(i))
-                        {
-                            to.post(Cmd::Read(port.clone()));
-                        }
-                        false
-                    }
-                    udp::Turn::More => true,
-                    udp::Turn::Done | udp::Turn::Taken => false,
-                }
+                udp::read_port(&port, self) == udp::Turn::More
             }
-            Some(Entry::Session(port, session)) => {
+            Some(Entry::Session { port, session, .. }) => {
                 let (port, session) = (port.clone(), session.clone());
                 match udp::relay_replies(&port, &session) {
                     Ok(more) => more,
@@ -694,33 +640,49 @@ impl Loop {
                     }
                 }
             }
+            Some(&Entry::Front(owner)) => {
+                let Some(Entry::Session { port, session, .. }) = self.entries.get(&owner) else {
+                    return;
+                };
+                let (port, session) = (port.clone(), session.clone());
+                match udp::relay_requests(&port, &session, self) {
+                    Ok(more) => more,
+                    Err(why) => {
+                        self.close(owner, why);
+                        return;
+                    }
+                }
+            }
         };
         if more {
             self.again.push(key);
         }
     }
 
-    fn is_aside(&self, key: u64) -> bool {
-        self.aside.iter().any(|&(k, _)| k == key)
-    }
-
     /// Closes what `key` stands for: a port's registration with this loop, or a session.
     fn close(&mut self, key: u64, reason: &'static str) {
         match self.entries.remove(&key) {
             Some(Entry::Port(port)) => {
-                if self.is_aside(key) {
-                    self.aside.retain(|&(k, _)| k != key);
-                } else if self.unwatched.contains(&key) {
+                if self.unwatched.contains(&key) {
                     self.unwatched.retain(|&k| k != key);
                 } else {
                     self.mailbox.epoll.delete(port.sock.as_fd()).ok();
-                    port.watchers.fetch_sub(1, Ordering::AcqRel);
                 }
             }
-            Some(Entry::Session(port, session)) => {
+            Some(Entry::Session {
+                port,
+                session,
+                front,
+            }) => {
                 self.mailbox.epoll.delete(session.backend.as_fd()).ok();
+                if let (Some(k), Some(f)) = (front, &session.front) {
+                    self.entries.remove(&k);
+                    self.mailbox.epoll.delete(f.as_fd()).ok();
+                    self.mailbox.fronts.fetch_sub(1, Ordering::Relaxed);
+                }
                 udp::end_session(&port, &session, reason);
             }
+            Some(Entry::Front(owner)) => self.close(owner, reason),
             None => {}
         }
     }
@@ -734,8 +696,10 @@ impl Loop {
             .entries
             .iter()
             .filter_map(|(k, e)| match e {
-                Entry::Session(port, s) => udp::expired(port, s, now).map(|why| (*k, why)),
-                Entry::Port(_) => None,
+                Entry::Session { port, session, .. } => {
+                    udp::expired(port, session, now).map(|why| (*k, why))
+                }
+                Entry::Port(_) | Entry::Front(_) => None,
             })
             .collect();
         for (key, why) in done {
@@ -750,14 +714,15 @@ impl Loop {
             .entries
             .values()
             .filter_map(|e| match e {
-                Entry::Session(port, s) => {
+                Entry::Session { port, session, .. } => {
                     let idle = port.shared.udp_idle_timeout;
                     Some(
-                        s.deadline(idle)
+                        session
+                            .deadline(idle)
                             .max(now + (idle / 10).max(Duration::from_millis(1))),
                     )
                 }
-                Entry::Port(_) => None,
+                Entry::Port(_) | Entry::Front(_) => None,
             })
             .min();
     }
@@ -783,11 +748,20 @@ mod tests {
             allowed: Default::default(),
             external: Default::default(),
             udp_idle_timeout: Duration::from_secs(30),
-            udp_max_sessions: 16,
+            udp_max_sessions: 256,
             generation: Default::default(),
         });
-        let sock = roomy_socket();
-        sock.set_nonblocking(true).unwrap();
+        // Bound as the listeners bind theirs (`SO_REUSEADDR`, which fronts need).
+        let sock: UdpSocket = crate::listener::bind_socket(
+            crate::model::Protocol::Udp,
+            "127.0.0.1:0".parse().unwrap(),
+            false,
+        )
+        .unwrap()
+        .into();
+        socket2::SockRef::from(&sock)
+            .set_recv_buffer_size(4 << 20)
+            .unwrap();
         Arc::new(Port::new(sock, shared))
     }
 
@@ -841,111 +815,225 @@ mod tests {
             .expect("the loop watches the port")
     }
 
-    /// Two loops driven by hand on this thread, as their threads would run them. A client's
-    /// session belongs to loop 0; loop 1 then reads a flood for it, leaves the socket to loop
-    /// 0 (telling it to read what is left), and watches it again once the flood is over. Loop
-    /// 0, the last one watching, never steps aside, and every datagram reaches the backend.
+    /// Serves `key` on `lp` and whatever that leaves for the loop's next turn, as its thread
+    /// would.
+    fn serve_all(lp: &mut Loop, key: u64) {
+        lp.serve(key);
+        while let Some(k) = lp.again.pop() {
+            lp.serve(k);
+        }
+    }
+
+    fn front_keys(lp: &Loop) -> Vec<u64> {
+        lp.entries
+            .iter()
+            .filter_map(|(k, e)| matches!(e, Entry::Front(_)).then_some(*k))
+            .collect()
+    }
+
+    fn backend_key(lp: &Loop, client: std::net::SocketAddr) -> u64 {
+        lp.entries
+            .iter()
+            .find_map(|(k, e)| match e {
+                Entry::Session { session, .. } if session.client == client => Some(*k),
+                _ => None,
+            })
+            .expect("the client has a session on this loop")
+    }
+
+    fn nothing_queued(sock: &UdpSocket) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            sock.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() == 0
+    }
+
+    fn active(port: &Port) -> u64 {
+        port.shared
+            .stats
+            .udp_sessions_active
+            .load(Ordering::Relaxed)
+    }
+
+    /// A client's first datagram opens its session on the loop that read it, with a front. The
+    /// client's later datagrams then reach that loop alone, through the front: the service
+    /// socket and the other loop see none of them. They arrive in order, replies come back from
+    /// the service's address, and closing the port closes the front.
     #[test]
-    fn a_loop_leaves_a_flooded_socket_to_the_sessions_owner_and_comes_back() {
+    fn a_front_carries_its_client_on_the_owner_alone() {
         let Pair {
             loops: [mut owner, mut other],
-            crew,
             port,
             backend,
+            ..
         } = two_loops();
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
         let (k0, k1) = (port_key(&owner), port_key(&other));
-
+        let service = port.sock.local_addr().unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.connect(port.sock.local_addr().unwrap()).unwrap();
-        client.send(b"hello").unwrap();
+        let me = client.local_addr().unwrap();
+        for s in [&client, &backend] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        client.send_to(b"hello", service).unwrap();
         readable(&port.sock);
         owner.serve(k0);
-        assert_eq!(port.flooded_for(), None, "one datagram is no flood");
-
-        // More than one turn's worth queued at once: loop 1 reads its turn, all for loop 0's
-        // session, and leaves the rest to loop 0.
-        let flood = crate::listener::gso::MAX_BATCH * BATCHES_PER_TURN + 16;
-        for i in 0..flood {
-            client.send(&(i as u32).to_be_bytes()).unwrap();
-        }
-        readable(&port.sock);
-        other.serve(k1);
-        assert_eq!(port.flooded_for(), Some(0), "flooded, for loop 0's session");
-        assert!(other.is_aside(k1), "loop 1 stepped aside");
-        assert!(
-            other.again.is_empty(),
-            "and does not come back for the rest itself"
-        );
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 1);
-        assert_eq!(crew.mailboxes[1].stepped_aside.load(Ordering::Relaxed), 1);
-        assert!(!owner.step_aside(k0, &port), "the last loop watching stays");
-
-        // Loop 0 was told to read the rest.
-        owner.commands();
+        assert_eq!(port.fronts.load(Ordering::Relaxed), 1);
+        let [front] = front_keys(&owner)[..] else {
+            panic!("one front on the owner")
+        };
+        assert!(front_keys(&other).is_empty());
         let mut buf = [0u8; 64];
-        let mut got = Vec::new();
+        let (n, session_addr) = backend.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+
+        backend.send_to(b"re", session_addr).unwrap();
+        let bk = backend_key(&owner, me);
+        assert!(reports(&owner, bk, 1000), "the reply wakes the owner");
+        owner.serve(bk);
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"re"[..], service), "from the service");
+
+        let count = crate::listener::gso::MAX_BATCH * 3 + 5;
+        for i in 0..count {
+            client.send_to(&(i as u32).to_be_bytes(), service).unwrap();
+        }
+        assert!(reports(&owner, front, 1000), "the front wakes the owner");
+        assert!(!reports(&other, k1, 50), "not the other loop");
+        assert!(nothing_queued(&port.sock), "nor the service socket");
+        serve_all(&mut owner, front);
+        for i in 0..count {
+            let n = backend.recv(&mut buf).expect("every datagram arrives");
+            assert_eq!(&buf[..n], (i as u32).to_be_bytes(), "in order");
+        }
+
+        other.remove_port(&port);
+        owner.remove_port(&port);
+        assert_eq!(port.fronts.load(Ordering::Relaxed), 0);
+        assert_eq!(active(&port), 0);
+        assert!(owner.entries.is_empty());
+    }
+
+    /// A front takes any client's datagrams between its bind and its connect; those reach the
+    /// sessions of the clients that sent them (opened as needed), and the front's own session
+    /// goes on.
+    #[test]
+    fn a_front_hands_other_clients_datagrams_to_their_sessions() {
+        let Pair {
+            loops: [mut owner, _other],
+            port,
+            backend,
+            ..
+        } = two_loops();
+        let service = port.sock.local_addr().unwrap();
+        // A front not connected yet, that any client can reach, for a client that never sends.
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        front.set_nonblocking(true).unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let quiet: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let session = Session::open_for_test(&port, quiet, front, &mut owner);
+        let [fk] = front_keys(&owner)[..] else {
+            panic!("one front")
+        };
+
+        let stray = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let stray_addr = stray.local_addr().unwrap();
+        stray
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         backend
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        while got.len() < 1 + flood {
-            let n = backend
-                .recv(&mut buf)
-                .expect("every datagram reaches the backend");
-            got.push(buf[..n].to_vec());
-        }
-        assert_eq!(got[0], b"hello");
-        for (i, d) in got[1..].iter().enumerate() {
-            assert_eq!(d.as_slice(), (i as u32).to_be_bytes(), "in order");
-        }
+        stray.send_to(b"stray", front_addr).unwrap();
+        readable(session.front.as_ref().unwrap());
+        serve_all(&mut owner, fk);
+        let mut buf = [0u8; 64];
+        let (n, session_addr) = backend.recv_from(&mut buf).expect("it reaches the backend");
+        assert_eq!(&buf[..n], b"stray");
+        assert_eq!(active(&port), 2, "in a session of its own");
+        assert!(
+            owner.entries.contains_key(&fk),
+            "the front's session goes on"
+        );
 
-        // The flood is over: loop 1 watches the socket again.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while other.is_aside(k1) || port.flooded_for().is_some() {
-            assert!(Instant::now() < deadline, "loop 1 came back within 5 s");
-            std::thread::sleep(Duration::from_millis(2));
-            other.come_back(Instant::now());
-        }
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
-        assert!(!port.step_aside(1), "nothing to step aside for");
+        // Its session has a front of its own, on the service's address.
+        assert_eq!(port.fronts.load(Ordering::Relaxed), 2);
+        backend.send_to(b"re", session_addr).unwrap();
+        let bk = backend_key(&owner, stray_addr);
+        assert!(reports(&owner, bk, 1000));
+        owner.serve(bk);
+        let (n, from) = stray.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"re"[..], service));
     }
 
-    /// With more than one session on the port, a full batch leaves every loop reading: each
-    /// loop reads the replies of its own sessions, and handing the socket around between the
-    /// owners of whichever client led the last batch measured slower.
+    /// When a session's endpoint goes away, the client's next datagram through its front opens
+    /// a session to a live endpoint (with a front of its own), and the old one closes.
     #[test]
-    fn a_port_with_several_clients_keeps_every_loop() {
+    fn a_front_moves_its_client_off_a_removed_endpoint() {
         let Pair {
-            loops: [mut first, mut second],
+            loops: [mut owner, _other],
+            port,
+            backend: old,
+            ..
+        } = two_loops();
+        let service = port.sock.local_addr().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"one", service).unwrap();
+        readable(&port.sock);
+        let key = port_key(&owner);
+        owner.serve(key);
+        let [front] = front_keys(&owner)[..] else {
+            panic!("one front")
+        };
+        old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = old.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one");
+        let new = roomy_socket();
+        new.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        port.shared
+            .balancer
+            .update(&[new.local_addr().unwrap()], None);
+        port.shared.generation.fetch_add(1, Ordering::Relaxed);
+
+        client.send_to(b"two", service).unwrap();
+        assert!(reports(&owner, front, 1000), "through the front");
+        serve_all(&mut owner, front);
+        let n = new.recv(&mut buf).expect("the live endpoint gets it");
+        assert_eq!(&buf[..n], b"two");
+        assert!(nothing_queued(&old), "not the removed one");
+        assert!(
+            !owner.entries.contains_key(&front),
+            "the old session closed"
+        );
+        assert_eq!(active(&port), 1);
+        assert_eq!(port.fronts.load(Ordering::Relaxed), 1, "the new session's");
+    }
+
+    /// Past [`udp::FRONTS_PER_PORT`] sessions of one port, new sessions use the service socket
+    /// both ways.
+    #[test]
+    fn fronts_per_port_are_bounded() {
+        let Pair {
+            loops: [mut owner, _other],
             port,
             backend: _backend,
             ..
         } = two_loops();
-        let (k0, k1) = (port_key(&first), port_key(&second));
-        let clients: Vec<UdpSocket> = (0..2)
-            .map(|_| {
-                let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-                c.connect(port.sock.local_addr().unwrap()).unwrap();
-                c
-            })
+        let service = port.sock.local_addr().unwrap();
+        let n = udp::FRONTS_PER_PORT + 3;
+        let clients: Vec<UdpSocket> = (0..n)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
             .collect();
         for c in &clients {
-            c.send(b"hello").unwrap();
+            c.send_to(b"hi", service).unwrap();
         }
         readable(&port.sock);
-        first.serve(k0);
-        for i in 0..crate::listener::gso::MAX_BATCH * 2 {
-            clients[0].send(&(i as u32).to_be_bytes()).unwrap();
-        }
-        readable(&port.sock);
-        second.serve(k1);
-        assert_eq!(
-            port.flooded_for(),
-            None,
-            "two sessions: not one client's flood"
-        );
-        assert!(!second.is_aside(k1));
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
+        let key = port_key(&owner);
+        serve_all(&mut owner, key);
+        assert_eq!(active(&port), n as u64);
+        assert_eq!(port.fronts.load(Ordering::Relaxed), udp::FRONTS_PER_PORT);
+        assert_eq!(front_keys(&owner).len(), udp::FRONTS_PER_PORT);
     }
 
     /// Whether `lp`'s epoll set reports `key` within `ms` milliseconds (and reads its wake-up
@@ -958,6 +1046,17 @@ mod tests {
             .wait(&mut events, EpollTimeout::from(ms))
             .unwrap();
         events[..n].iter().any(|e| e.data() == key)
+    }
+
+    /// Whether `epoll` watches the port's socket: modifying a registration made with
+    /// `EPOLLEXCLUSIVE` is refused with `EINVAL`, one that does not exist with `ENOENT`.
+    fn watches(epoll: &Epoll, port: &Port) -> bool {
+        let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, 0);
+        match epoll.modify(port.sock.as_fd(), &mut ev) {
+            Err(nix::errno::Errno::ENOENT) => false,
+            Err(nix::errno::Errno::EINVAL) => true,
+            other => panic!("unexpected answer to the probe: {other:?}"),
+        }
     }
 
     /// The process now runs on one CPU: loop 1 parks (stops watching the service socket, also
@@ -980,14 +1079,18 @@ mod tests {
         assert!(!first.parked, "loop 0 never parks");
         assert!(second.parked);
         assert!(crew.mailboxes[1].parked.load(Ordering::Relaxed));
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 1);
+        assert!(watches(&first.mailbox.epoll, &port));
+        assert!(
+            !watches(&second.mailbox.epoll, &port),
+            "parked: not watched"
+        );
         let later = port_to(backend.local_addr().unwrap());
         first.add_port(later.clone());
         second.add_port(later.clone());
-        assert_eq!(
-            later.watchers.load(Ordering::Relaxed),
-            1,
-            "parked: not watched"
+        assert!(watches(&first.mailbox.epoll, &later));
+        assert!(
+            !watches(&second.mailbox.epoll, &later),
+            "added while parked: not watched"
         );
 
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1011,17 +1114,22 @@ mod tests {
         first.commands();
         second.commands();
         assert!(!second.parked);
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 2);
-        assert_eq!(later.watchers.load(Ordering::Relaxed), 2);
-        // Loop 0 is busy: the kernel wakes loop 1 for the next datagram.
-        client.send(b"two cpus").unwrap();
+        assert!(watches(&second.mailbox.epoll, &port));
+        assert!(watches(&second.mailbox.epoll, &later));
+        // Loop 0 is busy: the kernel wakes loop 1 for a new client's datagram (the first
+        // client's come to its session's front now).
+        let another = UdpSocket::bind("127.0.0.1:0").unwrap();
+        another
+            .send_to(b"two cpus", port.sock.local_addr().unwrap())
+            .unwrap();
         assert!(reports(&second, k1, 1000), "loop 1 watches again");
 
         first.check_cpus(8);
         assert_eq!(crew.cpus.load(Ordering::Relaxed), 2, "at most every loop");
         second.remove_port(&later);
         first.remove_port(&later);
-        assert_eq!(later.watchers.load(Ordering::Relaxed), 0);
+        assert!(!watches(&first.mailbox.epoll, &later));
+        assert!(!watches(&second.mailbox.epoll, &later));
     }
 
     /// Running loops started on a thread allowed one CPU (as `taskset` or a cpuset leaves the
@@ -1072,9 +1180,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(loops.crew.cpus.load(Ordering::Relaxed), 1);
-        // Parking is done before the flag is set: loop 1 no longer counts as watching.
-        assert_eq!(port.watchers.load(Ordering::Relaxed), 1);
-        client.send(b"after").unwrap();
+        // Parking is done before the flag is set: loop 1 no longer watches the socket.
+        assert!(watches(&loops.crew.mailboxes[0].epoll, &port));
+        assert!(!watches(&loops.crew.mailboxes[1].epoll, &port));
+        // A new client's datagram comes through the service socket, which loop 0 reads alone.
+        let another = UdpSocket::bind("127.0.0.1:0").unwrap();
+        another
+            .send_to(b"after", port.sock.local_addr().unwrap())
+            .unwrap();
         let n = backend.recv(&mut buf).expect("loop 0 reads on alone");
         assert_eq!(&buf[..n], b"after");
     }
