@@ -49,9 +49,34 @@ pub(crate) const INITIAL_MAX_SEGMENT: usize = 1_472;
 /// written to become resident.
 pub(crate) struct Batch {
     buf: Vec<u8>,
-    headers: MultiHeaders<SockaddrStorage>,
+    /// Message headers for IPv4 sockets, and for IPv6 sockets ([`Family`]).
+    headers: [MultiHeaders<SockaddrStorage>; 2],
     /// Source (for a listener) and the datagram's bytes in `buf`.
     pub(crate) items: Vec<(SocketAddr, Range<usize>)>,
+}
+
+/// The address family of a socket a batch is read from.
+///
+/// Why the batch must know: `recvmmsg` takes each slot's address length as the room for the
+/// source address and leaves the length written there, and nix's `MultiHeaders` never resets
+/// it. After an IPv4 socket's read (16 bytes) a slot had room for 16 bytes only, and an IPv6
+/// source read into it kept the last 8 bytes of the address before: `::1` came out as
+/// `::ffff:127.0.0.1` once an IPv4 backend had been read on the same thread. Each family has
+/// its headers, so a slot's length is always its family's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(crate) fn of(addr: &SocketAddr) -> Family {
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
 }
 
 thread_local! {
@@ -59,7 +84,10 @@ thread_local! {
     /// between reading a socket and sending what was read.
     static BATCH: RefCell<Batch> = RefCell::new(Batch {
         buf: vec![0; MAX_BATCH * MAX_DATAGRAM],
-        headers: MultiHeaders::preallocate(MAX_BATCH, None),
+        headers: [
+            MultiHeaders::preallocate(MAX_BATCH, None),
+            MultiHeaders::preallocate(MAX_BATCH, None),
+        ],
         items: Vec::with_capacity(MAX_BATCH),
     });
 }
@@ -75,9 +103,15 @@ impl Batch {
     }
 
     /// Reads what `sock` has queued, up to [`MAX_BATCH`] datagrams, in one system call, and
-    /// says whether that was all. `peer`: the address to record for a connected socket (its
-    /// datagrams all come from its peer); `None` records each datagram's source.
-    pub(crate) fn fill(&mut self, sock: &impl AsRawFd, peer: Option<SocketAddr>) -> Fill {
+    /// says whether that was all. `family`: the socket's. `peer`: the address to record for a
+    /// connected socket (its datagrams all come from its peer); `None` records each datagram's
+    /// source.
+    pub(crate) fn fill(
+        &mut self,
+        sock: &impl AsRawFd,
+        family: Family,
+        peer: Option<SocketAddr>,
+    ) -> Fill {
         self.items.clear();
         // On the stack: a read allocates nothing.
         let mut chunks = self.buf.chunks_mut(MAX_DATAGRAM);
@@ -85,7 +119,7 @@ impl Batch {
             std::array::from_fn(|_| [IoSliceMut::new(chunks.next().expect("a slot per datagram"))]);
         let received = match recvmmsg(
             sock.as_raw_fd(),
-            &mut self.headers,
+            &mut self.headers[family as usize],
             slots.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
             None,
@@ -332,31 +366,31 @@ mod tests {
         let to = rx.local_addr().unwrap();
         let from = tx.local_addr().unwrap();
         Batch::with(|b| {
-            assert!(matches!(b.fill(&rx, None), Fill::Drained));
+            assert!(matches!(b.fill(&rx, Family::V4, None), Fill::Drained));
             assert!(b.items.is_empty());
             for d in [&b"one"[..], b"two", b"three"] {
                 tx.send_to(d, to).unwrap();
             }
-            assert!(matches!(b.fill(&rx, None), Fill::Drained));
+            assert!(matches!(b.fill(&rx, Family::V4, None), Fill::Drained));
             let got: Vec<&[u8]> = b.items.iter().map(|(_, r)| b.bytes(r.clone())).collect();
             assert_eq!(got, [&b"one"[..], b"two", b"three"]);
             assert!(b.items.iter().all(|(a, _)| *a == from));
             for i in 0..MAX_BATCH + 6 {
                 tx.send_to(&[i as u8; 10], to).unwrap();
             }
-            assert!(matches!(b.fill(&rx, None), Fill::Full));
+            assert!(matches!(b.fill(&rx, Family::V4, None), Fill::Full));
             assert_eq!(b.items.len(), MAX_BATCH);
             assert_eq!(
                 b.bytes(b.items[MAX_BATCH - 1].1.clone())[0],
                 (MAX_BATCH - 1) as u8
             );
-            assert!(matches!(b.fill(&rx, None), Fill::Drained));
+            assert!(matches!(b.fill(&rx, Family::V4, None), Fill::Drained));
             assert_eq!(b.items.len(), 6);
             assert_eq!(b.bytes(b.items[0].1.clone())[0], MAX_BATCH as u8);
             let big = vec![7u8; 60_000];
             tx.send_to(&big, to).unwrap();
             let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-            assert!(matches!(b.fill(&rx, Some(peer)), Fill::Drained));
+            assert!(matches!(b.fill(&rx, Family::V4, Some(peer)), Fill::Drained));
             assert_eq!(b.items.len(), 1);
             assert_eq!(
                 b.items[0].0, peer,
@@ -378,7 +412,7 @@ mod tests {
         s.send(b"x").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let refused = loop {
-            let why = Batch::with(|b| b.fill(&s, None));
+            let why = Batch::with(|b| b.fill(&s, Family::V4, None));
             match why {
                 Fill::Failed(e) => break e.kind() == io::ErrorKind::ConnectionRefused,
                 _ if std::time::Instant::now() > deadline => break false,
@@ -386,5 +420,45 @@ mod tests {
             }
         };
         assert!(refused, "ECONNREFUSED from the port-unreachable reply");
+    }
+
+    /// An IPv6 socket's sources come out whole after an IPv4 socket was read on the thread
+    /// (see [`Family`]).
+    #[test]
+    fn fill_keeps_ipv6_sources_whole_after_an_ipv4_read() {
+        let Ok(c6) = UdpSocket::bind("[::1]:0") else {
+            eprintln!(
+                "SKIPPED: fill_keeps_ipv6_sources_whole_after_an_ipv4_read needs IPv6 on loopback"
+            );
+            return;
+        };
+        let rx4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx6 = UdpSocket::bind("[::]:0").unwrap();
+        for s in [&rx4, &rx6] {
+            s.set_nonblocking(true).unwrap();
+        }
+        let c4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p6 = rx6.local_addr().unwrap().port();
+        let queued = |s: &UdpSocket| {
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(s),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5_000u16)).unwrap() == 1
+        };
+        Batch::with(|b| {
+            // A mapped IPv4 source into the IPv6 slots, then an IPv4 read.
+            c4.send_to(b"4", ("127.0.0.1", p6)).unwrap();
+            assert!(queued(&rx6));
+            b.fill(&rx6, Family::V6, None);
+            c4.send_to(b"4", rx4.local_addr().unwrap()).unwrap();
+            assert!(queued(&rx4));
+            b.fill(&rx4, Family::V4, None);
+            assert_eq!(b.items[0].0, c4.local_addr().unwrap());
+            c6.send_to(b"6", ("::1", p6)).unwrap();
+            assert!(queued(&rx6));
+            b.fill(&rx6, Family::V6, None);
+            assert_eq!(b.items[0].0, c6.local_addr().unwrap());
+        });
     }
 }

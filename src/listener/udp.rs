@@ -29,7 +29,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::gso::{self, Batch, Fill, Sent};
+use super::gso::{self, Batch, Family, Fill, Sent};
 use super::udp_loops::{self, Gate, Loop, BATCHES_PER_TURN};
 use super::{is_resource_exhaustion, Shared, Stats};
 
@@ -45,6 +45,8 @@ pub(crate) struct Port {
     closed: AtomicBool,
     /// The service socket's own address: where fronts bind.
     local: Option<SocketAddr>,
+    /// Its address family (and its fronts').
+    family: Family,
     /// Sessions of this port that have a front now.
     pub(crate) fronts: AtomicUsize,
 }
@@ -59,6 +61,7 @@ impl Port {
             gate: Gate::default(),
             closed: AtomicBool::new(false),
             local,
+            family: local.as_ref().map_or(Family::V4, Family::of),
             fronts: AtomicUsize::new(0),
         }
     }
@@ -274,7 +277,7 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
     let mut batches = 0;
     loop {
         let (why, blocked) = Batch::with(|batch| {
-            let why = batch.fill(&port.sock, None);
+            let why = batch.fill(&port.sock, port.family, None);
             (why, forward(batch, port, lp))
         });
         send_blocked_to_backends(blocked, shared);
@@ -343,7 +346,7 @@ pub(crate) fn relay_requests(
     };
     let shared = &port.shared;
     let (why, blocked, moved) = Batch::with(|batch| {
-        let why = batch.fill(front, None);
+        let why = batch.fill(front, port.family, None);
         if batch.items.is_empty() {
             return (why, Blocked::new(), false);
         }
@@ -646,7 +649,11 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
     let client = session.client;
     let (out, dest) = session.reply_path(port);
     let (why, unsent) = Batch::with(|batch| {
-        let why = batch.fill(&session.backend, Some(client));
+        let why = batch.fill(
+            &session.backend,
+            Family::of(&session.endpoint),
+            Some(client),
+        );
         let mut unsent = Vec::new();
         if !batch.items.is_empty() {
             session.touch();

@@ -737,6 +737,11 @@ mod tests {
     use std::net::UdpSocket;
 
     fn port_to(backend: std::net::SocketAddr) -> Arc<Port> {
+        port_on("127.0.0.1:0", backend)
+    }
+
+    /// A service port bound to `addr` (port 0: any), whose one endpoint is `backend`.
+    fn port_on(addr: &str, backend: std::net::SocketAddr) -> Arc<Port> {
         let shared = Arc::new(Shared {
             name: ServicePortName {
                 namespace: "default".into(),
@@ -752,13 +757,10 @@ mod tests {
             generation: Default::default(),
         });
         // Bound as the listeners bind theirs (`SO_REUSEADDR`, which fronts need).
-        let sock: UdpSocket = crate::listener::bind_socket(
-            crate::model::Protocol::Udp,
-            "127.0.0.1:0".parse().unwrap(),
-            false,
-        )
-        .unwrap()
-        .into();
+        let sock: UdpSocket =
+            crate::listener::bind_socket(crate::model::Protocol::Udp, addr.parse().unwrap(), false)
+                .unwrap()
+                .into();
         socket2::SockRef::from(&sock)
             .set_recv_buffer_size(4 << 20)
             .unwrap();
@@ -831,11 +833,16 @@ mod tests {
             .collect()
     }
 
+    /// The key of `client`'s session's backend socket (an IPv4 client of an IPv6 socket is
+    /// known by its mapped address).
     fn backend_key(lp: &Loop, client: std::net::SocketAddr) -> u64 {
+        let plain = |a: std::net::SocketAddr| (a.ip().to_canonical(), a.port());
         lp.entries
             .iter()
             .find_map(|(k, e)| match e {
-                Entry::Session { session, .. } if session.client == client => Some(*k),
+                Entry::Session { session, .. } if plain(session.client) == plain(client) => {
+                    Some(*k)
+                }
                 _ => None,
             })
             .expect("the client has a session on this loop")
@@ -1008,6 +1015,72 @@ mod tests {
         );
         assert_eq!(active(&port), 1);
         assert_eq!(port.fronts.load(Ordering::Relaxed), 1, "the new session's");
+    }
+
+    /// A port bound to the IPv6 wildcard (a `bindAddress` of `::`) serves IPv4 and IPv6
+    /// clients alike: each gets a front, its later datagrams come through it, and replies come
+    /// from the address it sent to.
+    #[test]
+    fn fronts_on_a_dual_stack_port() {
+        if UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("SKIPPED: fronts_on_a_dual_stack_port needs IPv6 on loopback");
+            return;
+        }
+        let crew = Crew::new(1).unwrap();
+        let mut lp = Loop::new(0, crew);
+        let backend = roomy_socket();
+        backend
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let port = port_on("[::]:0", backend.local_addr().unwrap());
+        lp.add_port(port.clone());
+        let key = port_key(&lp);
+        let service_port = port.sock.local_addr().unwrap().port();
+        let mut buf = [0u8; 64];
+        for (client_addr, service) in [
+            ("127.0.0.1:0", format!("127.0.0.1:{service_port}")),
+            ("[::1]:0", format!("[::1]:{service_port}")),
+        ] {
+            let service: std::net::SocketAddr = service.parse().unwrap();
+            let client = UdpSocket::bind(client_addr).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let fronts = front_keys(&lp).len();
+            client.send_to(b"first", service).unwrap();
+            readable(&port.sock);
+            serve_all(&mut lp, key);
+            let (n, session_addr) = backend.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"first");
+            let new: Vec<u64> = front_keys(&lp);
+            assert_eq!(new.len(), fronts + 1, "{client_addr}: a front");
+
+            client.send_to(b"second", service).unwrap();
+            let mut events = vec![EpollEvent::empty(); 8];
+            let ready = lp
+                .mailbox
+                .epoll
+                .wait(&mut events, EpollTimeout::from(1000u16))
+                .unwrap();
+            let keys: Vec<u64> = events[..ready].iter().map(|e| e.data()).collect();
+            assert!(
+                keys.iter().any(|k| new.contains(k)),
+                "{client_addr}: through its front ({keys:?})"
+            );
+            assert!(nothing_queued(&port.sock), "{client_addr}: not the port");
+            for k in keys {
+                serve_all(&mut lp, k);
+            }
+            let n = backend.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"second");
+
+            backend.send_to(b"re", session_addr).unwrap();
+            let bk = backend_key(&lp, client.local_addr().unwrap());
+            assert!(reports(&lp, bk, 1000));
+            lp.serve(bk);
+            let (n, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&b"re"[..], service), "{client_addr}");
+        }
     }
 
     /// Past [`udp::FRONTS_PER_PORT`] sessions of one port, new sessions use the service socket
