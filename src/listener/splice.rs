@@ -22,12 +22,11 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-use nix::sys::socket::{recv, MsgFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -156,7 +155,7 @@ impl<'a> Pump<'a> {
                     splice_next,
                 } => {
                     ready!(self.dst.poll_write_ready(cx))?;
-                    match self.dst.try_write(&buf[*off..]) {
+                    match write_once(self.dst, &buf[*off..]) {
                         Ok(w) => {
                             *off += w;
                             self.total += w as u64;
@@ -279,7 +278,7 @@ fn copy_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Copied> {
         if n == 0 {
             return Ok(Copied::Read { n, rest: None });
         }
-        let written = match dst.try_write(&buf[..n]) {
+        let written = match write_once(dst, &buf[..n]) {
             Ok(w) => w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
@@ -295,10 +294,16 @@ fn copy_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Copied> {
 /// does the same). Nothing is missed: data that arrives later is a new readiness event, which
 /// the clear does not erase (tokio matches it by tick), and a FIN that came with the data
 /// leaves read-closed readiness, which a clear keeps.
+///
+/// The read and [`write_once`]'s write are rustix's raw system calls, not glibc's `recv` and
+/// `send` (which `try_read` and `try_write` reach through std): glibc makes each of those a
+/// cancellation point, entered and left on every call. callgrind, 11,000 requests of 100 bytes
+/// on one connection: 3,499 instructions a request on the worker with glibc's, of which 174 in
+/// `__pthread_enable_asynccancel`/`_disable_` and 112 in the wrappers themselves.
 fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut short = None;
     let res = src.try_io(Interest::READABLE, || {
-        let n = recv(src.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)?;
+        let (n, _) = rustix::net::recv(src, &mut *buf, rustix::net::RecvFlags::empty())?;
         if n > 0 && n < buf.len() {
             short = Some(n);
             // WouldBlock is how `try_io` is told to clear readiness.
@@ -310,6 +315,18 @@ fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         (_, Some(n)) => Ok(n),
         (res, None) => res,
     }
+}
+
+/// Writes what `dst` takes of `buf` now, like `try_write` (`MSG_NOSIGNAL`, as std's: a reset
+/// peer is an error, not a signal); see [`read_once`].
+fn write_once(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    dst.try_io(Interest::WRITABLE, || {
+        Ok(rustix::net::send(
+            dst,
+            buf,
+            rustix::net::SendFlags::NOSIGNAL,
+        )?)
+    })
 }
 
 /// Relays both directions until both have ended; returns bytes (client→backend,
