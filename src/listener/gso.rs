@@ -143,6 +143,17 @@ impl Batch {
         }
     }
 
+    /// Gives IPv4-mapped sources as the IPv4 addresses they stand for.
+    pub(crate) fn unmap(&mut self) {
+        for (from, _) in &mut self.items {
+            if let SocketAddr::V6(v6) = from {
+                if let Some(v4) = v6.ip().to_ipv4_mapped() {
+                    *from = SocketAddr::new(v4.into(), v6.port());
+                }
+            }
+        }
+    }
+
     pub(crate) fn bytes(&self, range: Range<usize>) -> &[u8] {
         &self.buf[range]
     }

@@ -78,7 +78,7 @@ pub(crate) struct Session {
     /// A socket on the service's address and port connected to the client, which the kernel
     /// gives that client's datagrams to; `None` past [`FRONTS_PER_PORT`] or when it could not
     /// be opened: the client's datagrams then come through the service socket.
-    pub(crate) front: Option<UdpSocket>,
+    pub(crate) front: Option<Front>,
     endpoint: SocketAddr,
     pub(crate) client: SocketAddr,
     born: Instant,
@@ -95,7 +95,7 @@ pub(crate) struct Session {
 impl Session {
     fn new(
         backend: UdpSocket,
-        front: Option<UdpSocket>,
+        front: Option<Front>,
         endpoint: SocketAddr,
         client: SocketAddr,
         generation: u64,
@@ -124,9 +124,13 @@ impl Session {
     ) -> Arc<Session> {
         let endpoint = port.shared.balancer.endpoints()[0];
         let generation = port.shared.generation.load(Ordering::Relaxed);
+        let family = Family::of(&front.local_addr().unwrap());
         let session = Session::new(
             connect_backend(endpoint).unwrap(),
-            Some(front),
+            Some(Front {
+                sock: front,
+                family,
+            }),
             endpoint,
             client,
             generation,
@@ -152,7 +156,7 @@ impl Session {
     /// already, or the service socket.
     fn reply_path<'a>(&'a self, port: &'a Port) -> (&'a UdpSocket, Option<SocketAddr>) {
         match &self.front {
-            Some(front) => (front, None),
+            Some(front) => (&front.sock, None),
             None => (&port.sock, Some(self.client)),
         }
     }
@@ -186,6 +190,13 @@ fn connect_backend(endpoint: SocketAddr) -> io::Result<UdpSocket> {
 /// are also hashed by their four-tuple and found at once.
 pub(crate) const FRONTS_PER_PORT: usize = 64;
 
+/// A session's front ([`open_front`]) and its address family, which reading it needs.
+#[derive(Debug)]
+pub(crate) struct Front {
+    pub(crate) sock: UdpSocket,
+    family: Family,
+}
+
 /// Opens a session's front: a socket bound to the service socket's address and port
 /// (`SO_REUSEADDR`; not `SO_REUSEPORT`, which would put it in the service socket's group and
 /// have the kernel hash other clients' datagrams to it) and connected to the client.
@@ -198,16 +209,46 @@ pub(crate) const FRONTS_PER_PORT: usize = 64;
 /// as socat's per-client process does. Replies sent on it leave from the same address and port
 /// as from the service socket, so conntrack un-NATs them the same.
 ///
-/// Between the bind and the connect the unconnected front is a match for any client's
-/// datagram and may take some; [`relay_requests`] hands those on by their source. The
-/// client's own datagrams that reached the service socket before the connect are still read
-/// from there: at the start of a flood, when the loop that opened the session leaves some of
-/// them for another loop, those may be sent on alongside the first ones from the front, out of
-/// order.
-pub(crate) fn open_front(local: SocketAddr, client: SocketAddr) -> io::Result<UdpSocket> {
-    let front = bind_front(local)?;
-    front.connect(client)?;
-    Ok(front)
+/// Between its bind and its connect a front is unconnected, and the kernel would give it any
+/// client's datagram that it scores as high as the service socket: the first socket found
+/// wins a tie, and the newest is found first. So the front of an IPv4 port is an IPv6 socket
+/// bound to the IPv4-mapped address: for IPv4 traffic the kernel scores an IPv6 socket below
+/// an IPv4 one until it is connected, and above it after. (Measured: of datagrams sent in
+/// that window, the service socket got every one.) An IPv6 port's front ties, and may take
+/// other clients' datagrams in that window; [`relay_requests`] hands those on to their
+/// sessions, perhaps after their next ones. Where the kernel has no IPv6 at all, an IPv4
+/// port's front is an IPv4 socket, with that window too.
+///
+/// The client's own datagrams that reached the service socket before the connect are still
+/// read from there, by the loop that opened the session, before it reads the front
+/// ([`read_port`]), so they stay in order. Only past [`BATCHES_PER_TURN`] batches in one turn
+/// (a flood of new clients) are some left to the next reader, which may send them on while
+/// the front's first ones go.
+pub(crate) fn open_front(local: SocketAddr, client: SocketAddr) -> io::Result<Front> {
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    };
+    let (sock, family) = match local {
+        SocketAddr::V4(_) => match bind_front(mapped(local)) {
+            Ok(sock) => {
+                sock.connect(mapped(client))?;
+                (sock, Family::V6)
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+                let sock = bind_front(local)?;
+                sock.connect(client)?;
+                (sock, Family::V4)
+            }
+            Err(e) => return Err(e),
+        },
+        SocketAddr::V6(_) => {
+            let sock = bind_front(local)?;
+            sock.connect(client)?;
+            (sock, Family::V6)
+        }
+    };
+    Ok(Front { sock, family })
 }
 
 /// A front bound but not yet connected ([`open_front`]).
@@ -220,7 +261,7 @@ fn bind_front(local: SocketAddr) -> io::Result<UdpSocket> {
     )?;
     sock.set_reuse_address(true)?;
     if local.is_ipv6() {
-        sock.set_only_v6(false).ok();
+        sock.set_only_v6(false)?;
     }
     sock.bind(&local.into())?;
     Ok(sock.into())
@@ -276,12 +317,17 @@ pub(crate) fn read_port(port: &Arc<Port>, lp: &mut Loop) -> Turn {
     let shared = &port.shared;
     let mut batches = 0;
     loop {
+        let fronts = port.fronts.load(Ordering::Relaxed);
         let (why, blocked) = Batch::with(|batch| {
             let why = batch.fill(&port.sock, port.family, None);
             (why, forward(batch, port, lp))
         });
         send_blocked_to_backends(blocked, shared);
         match why {
+            // This batch opened a front: what its client sent before the front was connected
+            // is here, and is read before this loop turns to the front (so in order), not
+            // left to another loop to send on while this one reads the front.
+            Fill::Drained if port.fronts.load(Ordering::Relaxed) > fronts => continue,
             Fill::Drained => {
                 if port.gate.leave() {
                     return Turn::Done;
@@ -346,9 +392,13 @@ pub(crate) fn relay_requests(
     };
     let shared = &port.shared;
     let (why, blocked, moved) = Batch::with(|batch| {
-        let why = batch.fill(front, port.family, None);
+        let why = batch.fill(&front.sock, front.family, None);
         if batch.items.is_empty() {
             return (why, Blocked::new(), false);
+        }
+        if port.family == Family::V4 {
+            // An IPv6 front's sources are IPv4-mapped; the port knows its clients as IPv4.
+            batch.unmap();
         }
         let generation = shared.generation.load(Ordering::Relaxed);
         let own = batch.items.iter().all(|(from, _)| *from == session.client);
@@ -588,7 +638,7 @@ fn session_for(
 }
 
 /// A front for a new session of `port` ([`open_front`]), unless the port has its share.
-fn front_for(port: &Port, client: SocketAddr) -> Option<UdpSocket> {
+fn front_for(port: &Port, client: SocketAddr) -> Option<Front> {
     let local = port.local?;
     port.fronts
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -686,5 +736,59 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
         Fill::Full => Ok(true),
         Fill::Failed(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("backend refused"),
         Fill::Failed(_) => Err("backend error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 port's front, bound and not yet connected, takes no other client's datagram:
+    /// the kernel scores it, an IPv6 socket, below the IPv4 service socket until it is
+    /// connected ([`open_front`]); once connected it takes its client's.
+    #[test]
+    fn an_unconnected_front_of_an_ipv4_port_takes_nothing() {
+        let service: UdpSocket = crate::listener::bind_socket(
+            crate::model::Protocol::Udp,
+            "127.0.0.1:0".parse().unwrap(),
+            false,
+        )
+        .unwrap()
+        .into();
+        let local = service.local_addr().unwrap();
+        let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{}", local.port())
+            .parse()
+            .unwrap();
+        let Ok(front) = bind_front(mapped) else {
+            eprintln!("SKIPPED: an_unconnected_front_of_an_ipv4_port_takes_nothing needs IPv6");
+            return;
+        };
+        front.set_nonblocking(true).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        service
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        for i in 0..20u8 {
+            client.send_to(&[i], local).unwrap();
+            let (n, _) = service
+                .recv_from(&mut buf)
+                .expect("the service socket gets it");
+            assert_eq!(&buf[..n], [i]);
+        }
+        assert!(front.recv(&mut buf).is_err(), "the front took nothing");
+
+        let connected = open_front(local, client.local_addr().unwrap()).unwrap();
+        assert_eq!(connected.family, Family::V6);
+        connected
+            .sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client.send_to(b"mine", local).unwrap();
+        let n = connected
+            .sock
+            .recv(&mut buf)
+            .expect("the front gets its client's");
+        assert_eq!(&buf[..n], b"mine");
     }
 }

@@ -598,7 +598,7 @@ impl Loop {
         let front = match &session.front {
             Some(f) => {
                 let front_key = key + 1;
-                if let Err(e) = epoll.add(f.as_fd(), EpollEvent::new(edge, front_key)) {
+                if let Err(e) = epoll.add(f.sock.as_fd(), EpollEvent::new(edge, front_key)) {
                     epoll.delete(session.backend.as_fd()).ok();
                     return Err(e.into());
                 }
@@ -677,7 +677,7 @@ impl Loop {
                 self.mailbox.epoll.delete(session.backend.as_fd()).ok();
                 if let (Some(k), Some(f)) = (front, &session.front) {
                     self.entries.remove(&k);
-                    self.mailbox.epoll.delete(f.as_fd()).ok();
+                    self.mailbox.epoll.delete(f.sock.as_fd()).ok();
                     self.mailbox.fronts.fetch_sub(1, Ordering::Relaxed);
                 }
                 udp::end_session(&port, &session, reason);
@@ -952,7 +952,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         stray.send_to(b"stray", front_addr).unwrap();
-        readable(session.front.as_ref().unwrap());
+        readable(&session.front.as_ref().unwrap().sock);
         serve_all(&mut owner, fk);
         let mut buf = [0u8; 64];
         let (n, session_addr) = backend.recv_from(&mut buf).expect("it reaches the backend");
