@@ -157,6 +157,14 @@ impl Batch {
     pub(crate) fn bytes(&self, range: Range<usize>) -> &[u8] {
         &self.buf[range]
     }
+
+    /// Every datagram read, in order.
+    pub(crate) fn datagrams(&self) -> Vec<&[u8]> {
+        self.items
+            .iter()
+            .map(|(_, r)| self.bytes(r.clone()))
+            .collect()
+    }
 }
 
 fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {

@@ -406,14 +406,9 @@ pub(crate) fn relay_requests(
             return (why, forward(batch, port, lp), true);
         }
         session.touch();
-        let datagrams: Vec<&[u8]> = batch
-            .items
-            .iter()
-            .map(|(_, r)| batch.bytes(r.clone()))
-            .collect();
         let unsent = send_all(
             &session.backend,
-            &datagrams,
+            &batch.datagrams(),
             None,
             &session.to_backend,
             shared,
@@ -707,14 +702,9 @@ pub(crate) fn relay_replies(port: &Port, session: &Session) -> Result<bool, &'st
         let mut unsent = Vec::new();
         if !batch.items.is_empty() {
             session.touch();
-            let datagrams: Vec<&[u8]> = batch
-                .items
-                .iter()
-                .map(|(_, r)| batch.bytes(r.clone()))
-                .collect();
             unsent = send_all(
                 out,
-                &datagrams,
+                &batch.datagrams(),
                 dest,
                 &session.to_client,
                 shared,
