@@ -276,12 +276,26 @@ done
 # at the next target: a disturbance of this shared VM then lands on every target alike instead of
 # on one target's whole block, and the medians compare like with like. $1 is appended to each
 # metric's name.
+#
+# Each round also takes the targets in another order (a stride through the list coprime with its
+# length), so that no target always follows the same one. With the order only rotated, ours always
+# came right after the direct path, and in the halt-polling rounds whatever runs after the direct
+# path starts in a state where the scheduler moves its threads to the other CPU about once a
+# request: measured by swapping the two copies of our proxy in the list, the one placed after
+# direct ran 20.3-22.7 us UDP p50 and the other 17.7-18.0 (nginx 17.1-17.6); before the swap,
+# 21.3-22.4 against 17.0-17.5.
+gcd() { local a=$1 b=$2 t; while [ "$b" -ne 0 ]; do t=$((a % b)); a=$b; b=$t; done; echo "$a"; }
+STRIDES=()
+for k in $(seq 1 $((${#TARGETS[@]} - 1))); do
+  [ "$(gcd "$k" ${#TARGETS[@]})" = 1 ] && STRIDES+=("$k")
+done
 latency_rounds() {
-  local sfx=$1 round i
+  local sfx=$1 round i stride
   for round in $(seq 1 "$RR_ROUNDS"); do
-    echo "== latency round $round/$RR_ROUNDS${sfx:+ ($sfx)}"
+    stride=${STRIDES[$(((round - 1) % ${#STRIDES[@]}))]}
+    echo "== latency round $round/$RR_ROUNDS${sfx:+ ($sfx)}, stride $stride"
     for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
-      set -- ${TARGETS[$(((i + round) % ${#TARGETS[@]}))]}
+      set -- ${TARGETS[$(((round + i * stride) % ${#TARGETS[@]}))]}
       name=$1 echo_addr=$3 udp=$4
       if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
       r=$(inns "$CL" $CLIENT_PIN "$LG" rr --target "$echo_addr" --count 5000 --size 100)
