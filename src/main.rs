@@ -10,6 +10,18 @@ use userspace_proxy::config::{self, Overrides, PortalMode};
 use userspace_proxy::proxier::rules::iptables::ExtensionsMode;
 use userspace_proxy::{app, signal};
 
+/// The allocator, for the binary only (the library leaves the choice to whoever links it).
+///
+/// tokio allocates each task and each registered socket aligned to a cache line, and glibc's
+/// `posix_memalign` searches its free lists for such a block. Measured with callgrind over
+/// 16,500 proxied connections (connect, 100-byte exchange, close): with glibc, its three calls
+/// per connection took 2,515 of the proxy's 15,166 instructions per connection; with mimalloc
+/// the connection costs 12,356. Idle proxied connections: 1.63 KiB of RSS each, against 2.06
+/// with glibc (8,000 held), and the RSS goes back down once they close (12.8 MiB, against
+/// 24.3 MiB for glibc, which keeps its heap).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `EX_USAGE`: the configuration or the command line is wrong.
 const EX_USAGE: u8 = 64;
 

@@ -57,7 +57,11 @@ pub(crate) async fn accept_loop(
                 let (shared, kill) = (shared.clone(), kill.clone());
                 match workers().assign(home) {
                     (None, load) => {
-                        tracker.spawn(serve(stream, peer, shared, kill, load));
+                        // Boxed: the connection's future is 864 bytes, and tokio moves a
+                        // task's future several times while spawning it. Measured with
+                        // callgrind: 12,356 instructions per connection unboxed, 11,388 boxed
+                        // (memcpy 1,276 -> 257).
+                        tracker.spawn(Box::pin(serve(stream, peer, shared, kill, load)));
                     }
                     (Some(worker), load) => {
                         hand_over(stream, peer, shared, kill, load, &tracker, worker);
@@ -109,7 +113,8 @@ fn hand_over(
             }
         }
     };
-    tracker.spawn_on(serve_there, worker);
+    // Boxed, as in `accept_loop`: moved as a pointer rather than as 864 bytes.
+    tracker.spawn_on(Box::pin(serve_there), worker);
 }
 
 /// `peer` is the accepted connection's peer address: it has the socket's own family, so it says
