@@ -268,9 +268,7 @@ pub fn spawn(
             local
         }
         Protocol::Udp => {
-            // Bursts of datagrams must not be dropped by a small default buffer.
-            socket.set_recv_buffer_size(4 << 20).ok();
-            socket.set_send_buffer_size(4 << 20).ok();
+            udp::roomy(&socket);
             if bind == Bind::Adopt {
                 take_over(&socket, &shared);
             }

@@ -169,16 +169,39 @@ impl Session {
     }
 }
 
+/// Buffer size asked for each UDP socket of the data plane, each way: the service socket, a
+/// session's front and its backend socket. A loop that is kept off its CPU for a moment must
+/// not have the kernel drop what queues meanwhile, and the default (`rmem_default`, 208 KiB
+/// here) holds about 2 ms of a 100,000 datagram/s stream of small datagrams. The fronts and
+/// backend sockets, which carry a session's traffic once it has one, first kept that default:
+/// at 100,000 datagrams/s offered, the node's `RcvbufErrors` counted most of the proxy's loss
+/// there (1,208 of 1,455 datagrams lost in a 3 s run). The kernel caps the size at
+/// `rmem_max`/`wmem_max`, and memory is only taken for what is queued.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Asks for [`SOCKET_BUFFER`] each way on a UDP socket of the data plane. Best effort: a
+/// smaller buffer only means an earlier drop under a burst.
+pub(crate) fn roomy(sock: &socket2::Socket) {
+    sock.set_recv_buffer_size(SOCKET_BUFFER).ok();
+    sock.set_send_buffer_size(SOCKET_BUFFER).ok();
+}
+
 fn connect_backend(endpoint: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
     let local: SocketAddr = if endpoint.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let sock = UdpSocket::bind(local)?;
-    sock.connect(endpoint)?;
-    sock.set_nonblocking(true)?;
-    Ok(sock)
+    let sock = Socket::new(
+        Domain::for_address(local),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    roomy(&sock);
+    sock.bind(&local.into())?;
+    sock.connect(&endpoint.into())?;
+    Ok(sock.into())
 }
 
 /// Most sessions of one service port that get a front ([`open_front`]); later sessions use the
@@ -263,6 +286,7 @@ fn bind_front(local: SocketAddr) -> io::Result<UdpSocket> {
     if local.is_ipv6() {
         sock.set_only_v6(false)?;
     }
+    roomy(&sock);
     sock.bind(&local.into())?;
     Ok(sock.into())
 }
@@ -780,5 +804,51 @@ mod tests {
             .recv(&mut buf)
             .expect("the front gets its client's");
         assert_eq!(&buf[..n], b"mine");
+    }
+
+    /// A session's front and backend socket get the service socket's buffers, not the
+    /// default: the sockets that carry a session's traffic are the ones a burst fills.
+    #[test]
+    fn session_sockets_get_the_service_sockets_buffers() {
+        let sysctl = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        if sysctl("rmem_max") <= sysctl("rmem_default") {
+            eprintln!(
+                "SKIPPED: session_sockets_get_the_service_sockets_buffers: rmem_max is not above \
+                 rmem_default here, so no socket can be given a larger buffer than the default"
+            );
+            return;
+        }
+        let service = crate::listener::bind_socket(
+            crate::model::Protocol::Udp,
+            "127.0.0.1:0".parse().unwrap(),
+            false,
+        )
+        .unwrap();
+        let default = service.recv_buffer_size().unwrap();
+        roomy(&service);
+        let want = service.recv_buffer_size().unwrap();
+        assert!(want > default, "{want} > {default}");
+        let local = service.local_addr().unwrap().as_socket().unwrap();
+
+        let backend = connect_backend("127.0.0.1:9".parse().unwrap()).unwrap();
+        let backend = socket2::SockRef::from(&backend);
+        assert_eq!(backend.recv_buffer_size().unwrap(), want);
+        assert_eq!(
+            backend.send_buffer_size().unwrap(),
+            service.send_buffer_size().unwrap()
+        );
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let front = open_front(local, client.local_addr().unwrap()).unwrap();
+        let front = socket2::SockRef::from(&front.sock);
+        assert_eq!(front.recv_buffer_size().unwrap(), want);
+        assert_eq!(
+            front.send_buffer_size().unwrap(),
+            service.send_buffer_size().unwrap()
+        );
     }
 }
