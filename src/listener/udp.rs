@@ -174,8 +174,8 @@ impl Session {
 /// not have the kernel drop what queues meanwhile, and the default (`rmem_default`, 208 KiB
 /// here) holds about 2 ms of a 100,000 datagram/s stream of small datagrams. The fronts and
 /// backend sockets, which carry a session's traffic once it has one, first kept that default:
-/// at 100,000 datagrams/s offered, the node's `RcvbufErrors` counted most of the proxy's loss
-/// there (1,208 of 1,455 datagrams lost in a 3 s run). The kernel caps the size at
+/// at 100,000 datagrams/s offered, the node's `RcvbufErrors` put 1,208 of the 1,470 datagrams
+/// lost in a 3 s run at the proxy's sockets. The kernel caps the size at
 /// `rmem_max`/`wmem_max`, and memory is only taken for what is queued.
 const SOCKET_BUFFER: usize = 4 << 20;
 

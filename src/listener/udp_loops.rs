@@ -756,15 +756,12 @@ mod tests {
             udp_max_sessions: 256,
             generation: Default::default(),
         });
-        // Bound as the listeners bind theirs (`SO_REUSEADDR`, which fronts need).
-        let sock: UdpSocket =
+        // Bound and sized as the listeners do theirs (`SO_REUSEADDR`, which fronts need).
+        let sock =
             crate::listener::bind_socket(crate::model::Protocol::Udp, addr.parse().unwrap(), false)
-                .unwrap()
-                .into();
-        socket2::SockRef::from(&sock)
-            .set_recv_buffer_size(4 << 20)
-            .unwrap();
-        Arc::new(Port::new(sock, shared))
+                .unwrap();
+        udp::roomy(&sock);
+        Arc::new(Port::new(sock.into(), shared))
     }
 
     /// A loopback socket whose receive buffer holds a few hundred small datagrams.
