@@ -16,6 +16,7 @@
 # RR_ROUNDS (interleaved request/response latency rounds, default 9), HALTPOLL_ROUNDS=0 (skip
 # the second set of latency rounds, with guest halt polling at the kernel default), PIN_ROUNDS=0
 # (skip the third, with every party on CPU 0),
+# CONN_ROUNDS (interleaved connection-rate rounds, default 9), ONLY_CONN=1 (those rounds only),
 # ONLY_TARGETS (e.g. "direct userspace-proxy haproxy"), ONLY_CP=1 (control plane only),
 # CP_SIZES (control-plane service counts, default "1000 10000"), ADD_REPS (one-more-service
 # measurements per size, default 3).
@@ -28,7 +29,9 @@ SECS=${SECS:-4}
 IDLE_CONNS=${IDLE_CONNS:-9900}
 RR_ROUNDS=${RR_ROUNDS:-9}
 ADD_REPS=${ADD_REPS:-3}
+CONN_ROUNDS=${CONN_ROUNDS:-9}
 CP_SIZES=${CP_SIZES:-"1000 10000"}
+[ -z "${ONLY_CONN:-}" ] || CP_SIZES=""
 
 if [ "$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces)" >&2; exit 1; fi
 need=()
@@ -231,6 +234,7 @@ for t in "${TARGETS[@]}"; do
 done
 
 if [ -z "${ONLY_CP:-}" ]; then
+if [ -z "${ONLY_CONN:-}" ]; then
 for rep in $(seq 1 "$REPS"); do
   for t in "${TARGETS[@]}"; do
     set -- $t
@@ -247,20 +251,6 @@ for rep in $(seq 1 "$REPS"); do
         [ "$streams" = 1 ] && [ "$proc" != - ] && rec "$name" "cpu_s_per_gb" "$(echo "scale=3; ($c1 - $c0) * 1000000000 / $bytes" | bc)" "$rep"
       fi
     done
-    read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
-    r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
-    read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
-    cps=$(json "$r" cps)
-    rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
-    # The profile of a connection: what the whole machine spends on one (client, server,
-    # proxy and the kernel's network path, NAT included), and the proxy's own user and system
-    # time, in microseconds.
-    rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
-    if [ "$proc" != - ]; then
-      rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($u1 - $u0 + $s1 - $s0) * 1000 / $TCK / ($cps * 4)" | bc)" "$rep"
-      rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
-      rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
-    fi
     if [ "$udp" != - ]; then
       r=$(inns "$CL" "$LG" udp-flood --target "$udp" --secs 3 --size 100)
       rec "$name" udp_flood_pps "$(json "$r" delivered_pps)" "$rep"; rec "$name" udp_flood_loss "$(json "$r" loss)" "$rep"
@@ -271,6 +261,8 @@ for rep in $(seq 1 "$REPS"); do
     fi
   done
 done
+
+fi  # ONLY_CONN
 
 # Request/response latency in short rounds that take turns between targets, each round starting
 # at the next target: a disturbance of this shared VM then lands on every target alike instead of
@@ -307,6 +299,40 @@ latency_rounds() {
     done
   done
 }
+
+# The connection rate, in the same interleaved rounds as the latency (CONN_ROUNDS, 4 s each), for
+# the same reason: run inside each target's block of repetitions, a busy spell of the host's
+# neighbours fell on one target's whole row (in the run at ad99117 ours came out at 0.71 of
+# nginx; 10 interleaved rounds outside the bench the same hour gave 0.94).
+conn_rounds() {
+  local round i stride
+  for round in $(seq 1 "$CONN_ROUNDS"); do
+    stride=${STRIDES[$(((round - 1) % ${#STRIDES[@]}))]}
+    echo "== connection-rate round $round/$CONN_ROUNDS, stride $stride"
+    for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
+      set -- ${TARGETS[$(((round + i * stride) % ${#TARGETS[@]}))]}
+      name=$1 echo_addr=$3 proc=$5
+      if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
+      local rep=$round
+      read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
+      r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
+      read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
+      cps=$(json "$r" cps)
+      rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
+      # The profile of a connection: what the whole machine spends on one (client, server,
+      # proxy and the kernel's network path, NAT included), and the proxy's own user and system
+      # time, in microseconds.
+      rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
+      if [ "$proc" != - ]; then
+        rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($u1 - $u0 + $s1 - $s0) * 1000 / $TCK / ($cps * 4)" | bc)" "$rep"
+        rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
+        rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
+      fi
+    done
+  done
+}
+conn_rounds
+[ -n "${ONLY_CONN:-}" ] || {
 CLIENT_PIN=""
 latency_rounds ""
 
@@ -357,6 +383,7 @@ for t in "${TARGETS[@]}"; do
   wait "$HOLD_PID" 2>/dev/null || true
 done
 
+}  # ONLY_CONN
 fi  # ONLY_CP
 
 echo "== control plane: programming N service ports from the file"
