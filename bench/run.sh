@@ -238,7 +238,7 @@ if [ -z "${ONLY_CONN:-}" ]; then
 for rep in $(seq 1 "$REPS"); do
   for t in "${TARGETS[@]}"; do
     set -- $t
-    name=$1 bulk=$2 echo_addr=$3 udp=$4 proc=$5
+    name=$1 bulk=$2 udp=$4 proc=$5
     if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
     echo "== rep $rep/$REPS: $name"
     for streams in 1 8; do
@@ -281,57 +281,58 @@ STRIDES=()
 for k in $(seq 1 $((${#TARGETS[@]} - 1))); do
   [ "$(gcd "$k" ${#TARGETS[@]})" = 1 ] && STRIDES+=("$k")
 done
-latency_rounds() {
-  local sfx=$1 round i stride
-  for round in $(seq 1 "$RR_ROUNDS"); do
+# Calls `$3 round name echo_addr udp proc` for every target, in $1 rounds each taking the
+# targets in another order; $2 names the rounds in the progress lines.
+interleaved() {
+  local rounds=$1 label=$2 each=$3 round i stride
+  for round in $(seq 1 "$rounds"); do
     stride=${STRIDES[$(((round - 1) % ${#STRIDES[@]}))]}
-    echo "== latency round $round/$RR_ROUNDS${sfx:+ ($sfx)}, stride $stride"
+    echo "== $label round $round/$rounds, stride $stride"
     for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
       set -- ${TARGETS[$(((round + i * stride) % ${#TARGETS[@]}))]}
-      name=$1 echo_addr=$3 udp=$4
-      if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
-      r=$(inns "$CL" $CLIENT_PIN "$LG" rr --target "$echo_addr" --count 5000 --size 100)
-      rec "$name" "rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
-      if [ "$udp" != - ]; then
-        r=$(inns "$CL" $CLIENT_PIN "$LG" udp-rr --target "$udp" --count 5000 --size 100)
-        rec "$name" "udp_rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "udp_rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
-      fi
+      if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $1 "* ]]; then continue; fi
+      "$each" "$round" "$1" "$3" "$4" "$5"
     done
   done
+}
+
+# One target's request/response latency; $sfx (from latency_rounds) is appended to each metric.
+latency_once() {
+  local round=$1 name=$2 echo_addr=$3 udp=$4 r
+  r=$(inns "$CL" $CLIENT_PIN "$LG" rr --target "$echo_addr" --count 5000 --size 100)
+  rec "$name" "rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
+  if [ "$udp" != - ]; then
+    r=$(inns "$CL" $CLIENT_PIN "$LG" udp-rr --target "$udp" --count 5000 --size 100)
+    rec "$name" "udp_rr${sfx}_p50_us" "$(json "$r" p50_us)" "$round"; rec "$name" "udp_rr${sfx}_p99_us" "$(json "$r" p99_us)" "$round"
+  fi
+}
+latency_rounds() {
+  local sfx=$1
+  interleaved "$RR_ROUNDS" "latency${sfx:+ ($sfx)}" latency_once
 }
 
 # The connection rate, in the same interleaved rounds as the latency (CONN_ROUNDS, 4 s each), for
 # the same reason: run inside each target's block of repetitions, a busy spell of the host's
 # neighbours fell on one target's whole row (in the run at ad99117 ours came out at 0.71 of
 # nginx; 10 interleaved rounds outside the bench the same hour gave 0.94).
-conn_rounds() {
-  local round i stride
-  for round in $(seq 1 "$CONN_ROUNDS"); do
-    stride=${STRIDES[$(((round - 1) % ${#STRIDES[@]}))]}
-    echo "== connection-rate round $round/$CONN_ROUNDS, stride $stride"
-    for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
-      set -- ${TARGETS[$(((round + i * stride) % ${#TARGETS[@]}))]}
-      name=$1 echo_addr=$3 proc=$5
-      if [ -n "${ONLY_TARGETS:-}" ] && [[ " $ONLY_TARGETS " != *" $name "* ]]; then continue; fi
-      local rep=$round
-      read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
-      r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
-      read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
-      cps=$(json "$r" cps)
-      rec "$name" crr_cps "$cps" "$rep"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$rep"
-      # The profile of a connection: what the whole machine spends on one (client, server,
-      # proxy and the kernel's network path, NAT included), and the proxy's own user and system
-      # time, in microseconds.
-      rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
-      if [ "$proc" != - ]; then
-        rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($u1 - $u0 + $s1 - $s0) * 1000 / $TCK / ($cps * 4)" | bc)" "$rep"
-        rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
-        rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$rep"
-      fi
-    done
-  done
+conn_once() {
+  local round=$1 name=$2 echo_addr=$3 proc=$5 r cps u0 s0 u1 s1 m0 m1
+  read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
+  r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
+  read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
+  cps=$(json "$r" cps)
+  rec "$name" crr_cps "$cps" "$round"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$round"
+  # The profile of a connection: what the whole machine spends on one (client, server, proxy
+  # and the kernel's network path, NAT included), and the proxy's own user and system time, in
+  # microseconds.
+  rec "$name" crr_machine_us_per_conn "$(echo "scale=1; ($m1 - $m0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$round"
+  if [ "$proc" != - ]; then
+    rec "$name" cpu_s_per_1k_conns "$(echo "scale=4; ($u1 - $u0 + $s1 - $s0) * 1000 / $TCK / ($cps * 4)" | bc)" "$round"
+    rec "$name" crr_user_us_per_conn "$(echo "scale=2; ($u1 - $u0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$round"
+    rec "$name" crr_sys_us_per_conn "$(echo "scale=2; ($s1 - $s0) * 1000000 / $TCK / ($cps * 4)" | bc)" "$round"
+  fi
 }
-conn_rounds
+interleaved "$CONN_ROUNDS" connection-rate conn_once
 [ -n "${ONLY_CONN:-}" ] || {
 CLIENT_PIN=""
 latency_rounds ""
