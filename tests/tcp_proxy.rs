@@ -204,3 +204,75 @@ async fn many_connections_open_at_once_all_relay() {
     proxy.stop().await;
     cancel.cancel();
 }
+
+/// The kernel's timer on this network namespace's IPv4 TCP socket from `local` to `peer`, as
+/// `/proc/net/tcp` shows it: its kind (2: the socket timer, which on an idle established
+/// connection is keepalive's) and the seconds until it fires.
+fn tcp_timer(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<(u8, f64)> {
+    let hex = |a: std::net::SocketAddr| match a {
+        // The address in the kernel's byte order (little-endian here), the port as a number.
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => String::new(),
+    };
+    let (local, peer) = (hex(local), hex(peer));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&peer.as_str()) {
+            return None;
+        }
+        let (kind, when) = f.get(5)?.split_once(':')?;
+        // Clock ticks of USER_HZ, 100 a second.
+        let ticks = u64::from_str_radix(when, 16).ok()?;
+        Some((u8::from_str_radix(kind, 16).ok()?, ticks as f64 / 100.0))
+    })
+}
+
+/// A connection that lasts gets keepalive on the proxy's backend side too, with the client
+/// side's timing, so a backend that vanishes without a FIN is reaped. It is switched on a second
+/// or two after the dial (src/listener/keepalive.rs), not at once: a connection that ends
+/// sooner never needs it, and the four system calls were a sixth of a short connection's.
+#[tokio::test]
+async fn a_lasting_connection_gets_keepalive_on_its_backend_side() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", &[backend_addr])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("web", "http").await;
+    let client = TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    let (_accepted, proxy_side) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
+        .await
+        .expect("the proxy dialled the backend in time")
+        .unwrap();
+    assert!(
+        tcp_timer(proxy_side, backend_addr).is_some(),
+        "the proxy's backend socket is in /proc/net/tcp"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "a keepalive timer on the proxy's backend socket",
+        || {
+            let timer = tcp_timer(proxy_side, backend_addr);
+            async move { timer.is_some_and(|(kind, _)| kind == 2) }
+        },
+    )
+    .await;
+    let (_, left) = tcp_timer(proxy_side, backend_addr).unwrap();
+    assert!(
+        left > 0.0 && left <= 15.0,
+        "the first probe is due within keepalive's 15 s of silence: {left} s"
+    );
+    drop(client);
+    proxy.stop().await;
+}

@@ -12,6 +12,7 @@
 //! tracker watches its tokens and ends once every loop has let go of the port.
 
 mod gso;
+mod keepalive;
 pub mod splice;
 pub mod stats;
 pub mod tcp;

@@ -29,7 +29,7 @@ use crate::balancer::Balancer;
 
 /// Keepalive timing: the first probe after 15 s idle, like Go's default on the original's
 /// sockets, then every 15 s; 4 lost probes end the connection.
-const KEEPALIVE: Duration = Duration::from_secs(15);
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Longest pause of the accept loop when descriptors run out.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -132,10 +132,16 @@ fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> 
 
 /// Sets the options every proxied TCP socket has: no Nagle delay (request/response traffic must
 /// not wait on it) and keepalive. Set on a listening socket, they are inherited by every
-/// connection it accepts, so the client side costs no system call per connection; the backend
-/// side is set after each dial.
+/// connection it accepts, so the client side costs no system call per connection. The backend
+/// side gets no-delay after each dial, and keepalive once the connection has lasted a second
+/// ([`super::keepalive`]).
 pub(crate) fn tune(sock: SockRef<'_>) {
     sock.set_tcp_nodelay(true).ok();
+    keepalive(sock);
+}
+
+/// Switches keepalive on, with [`KEEPALIVE`] timing.
+pub(crate) fn keepalive(sock: SockRef<'_>) {
     let ka = TcpKeepalive::new()
         .with_time(KEEPALIVE)
         .with_interval(KEEPALIVE)
@@ -173,14 +179,14 @@ async fn dial(
     None
 }
 
-/// Serves one accepted connection; `_load` counts it against the worker it runs on until it
+/// Serves one accepted connection; `load` counts it against the worker it runs on until it
 /// ends.
 async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     kill: CancellationToken,
-    _load: Load,
+    load: Load,
 ) {
     let allowed = shared.allowed.load_full();
     let external = shared.external.load_full();
@@ -212,7 +218,9 @@ async fn serve(
         return;
     };
     // The client side inherited its options from the listener.
-    tune(SockRef::from(&backend));
+    SockRef::from(&backend).set_tcp_nodelay(true).ok();
+    let backend = Arc::new(backend);
+    load.keepalive_later(&backend);
     let stats = &shared.stats;
     Stats::add(&stats.connections_total, 1);
     Stats::add(&stats.connections_active, 1);

@@ -26,9 +26,12 @@
 //! ([`super::timers`], which says why).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use tokio::net::TcpStream;
 use tokio::runtime::Handle;
+
+use super::keepalive::Pending;
 
 /// How many more connections the accepting worker may serve than the least loaded one before
 /// a new connection is handed over. A hand-off costs waking the other thread and moving the
@@ -42,6 +45,8 @@ pub(crate) const SLACK: usize = 8;
 #[derive(Debug)]
 struct Worker {
     handle: Handle,
+    /// Its backend connections awaiting keepalive.
+    keepalive: Pending,
     connections: AtomicUsize,
     /// Connections other workers accepted and handed to this one.
     taken: AtomicU64,
@@ -95,6 +100,14 @@ pub(crate) struct Load {
     worker: &'static Worker,
 }
 
+impl Load {
+    /// Switches keepalive on for a backend connection of this worker's once it has lasted
+    /// ([`super::keepalive`]).
+    pub(crate) fn keepalive_later(&self, backend: &Arc<TcpStream>) {
+        self.worker.keepalive.add(backend, &self.worker.handle);
+    }
+}
+
 impl Drop for Load {
     fn drop(&mut self) {
         self.worker.connections.fetch_sub(1, Ordering::Relaxed);
@@ -120,6 +133,7 @@ impl Workers {
                     .expect("data-plane thread");
                 Worker {
                     handle,
+                    keepalive: Pending::default(),
                     connections: AtomicUsize::new(0),
                     taken: AtomicU64::new(0),
                 }
