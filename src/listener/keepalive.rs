@@ -15,8 +15,10 @@
 //! How: each worker keeps the backend connections it dialled in two generations. A sweep every
 //! [`AFTER`] switches keepalive on for the older generation's connections that are still open,
 //! and the newer generation becomes the older. A short connection costs a push of a weak
-//! reference. The sweep runs while there is something to sweep and ends when both generations
-//! are empty, so an idle worker is not woken for it; the next dial starts it again.
+//! reference, and holds its small reference-count block (under 100 bytes) until the sweep after
+//! next: under 2 MB at 10,000 connections a second. The sweep runs while there is something to
+//! sweep and ends when both generations are empty, so an idle worker is not woken for it; the
+//! next dial starts it again.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
