@@ -44,8 +44,6 @@ struct Generations {
     newer: Vec<Weak<TcpStream>>,
     /// Dialled before the last sweep: at least [`AFTER`] old at the next one.
     older: Vec<Weak<TcpStream>>,
-    /// An emptied vector kept for its capacity.
-    spare: Vec<Weak<TcpStream>>,
     /// A sweep task is running.
     sweeping: bool,
 }
@@ -72,10 +70,9 @@ impl Pending {
     async fn sweep(&'static self) {
         loop {
             timers::sleep(AFTER).await;
-            let mut due = {
+            let due = {
                 let mut g = self.lock();
-                let spare = std::mem::take(&mut g.spare);
-                let newer = std::mem::replace(&mut g.newer, spare);
+                let newer = std::mem::take(&mut g.newer);
                 let due = std::mem::replace(&mut g.older, newer);
                 if due.is_empty() && g.older.is_empty() {
                     // Decided under the lock that `add` takes, so a dial either sees the sweep
@@ -88,8 +85,6 @@ impl Pending {
             for stream in due.iter().filter_map(Weak::upgrade) {
                 super::tcp::keepalive(SockRef::from(&*stream));
             }
-            due.clear();
-            self.lock().spare = due;
         }
     }
 
@@ -102,6 +97,7 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listener::tcp::KEEPALIVE;
     use std::time::Instant;
 
     /// A connected loopback pair: the side that dialled (as a tokio stream) and the accepted one.
@@ -156,14 +152,8 @@ mod tests {
         });
         assert!(dialled.elapsed() < 3 * AFTER);
         let s = SockRef::from(&*lasting);
-        assert_eq!(
-            s.tcp_keepalive_time().unwrap(),
-            super::super::tcp::KEEPALIVE
-        );
-        assert_eq!(
-            s.tcp_keepalive_interval().unwrap(),
-            super::super::tcp::KEEPALIVE
-        );
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), KEEPALIVE);
         assert_eq!(s.tcp_keepalive_retries().unwrap(), 4);
 
         wait_for("the sweep to stop", || !pending.sweeping());
