@@ -163,17 +163,31 @@ mod tests {
             .expect("voluntary_ctxt_switches in the task's status")
     }
 
+    /// When the dial timers of [`arm_dial_timers`] are due.
+    #[derive(Clone, Copy)]
+    enum Due {
+        /// A dial's first timeout from now, as in [`dial_timeout`].
+        AsDialed,
+        /// Each 1 ms before the one armed before it, so that each is the earliest the timer
+        /// thread has. (Due as dialled, a timer may not be: on a loaded machine the timer
+        /// thread, woken by one, can park again before that one is cancelled, and then waits
+        /// for it; the next, due later, does not wake it. CI saw 2 writes for 20 timers.)
+        EachEarliest,
+    }
+
     /// Arms `n` dial timeouts on the timer thread `(timers, tid)` from this thread, one after
     /// another, each cancelled before the next (as a dial that connects cancels its timeout);
     /// returns this thread's writes meanwhile. With a keeper, the first dial wakes it, and the
     /// next ones wait until the timer thread has slept again: by then the keeper's timer is
     /// armed, as it is for the connections that follow the first.
-    fn arm_dial_timers(timers: &(Handle, i32), keeper: Option<&Keeper>, n: usize) -> u64 {
+    fn arm_dial_timers(timers: &(Handle, i32), keeper: Option<&Keeper>, due: Due, n: usize) -> u64 {
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
             .unwrap();
         worker.block_on(async {
+            // The last of the dial timeouts, so that the earliest of `n` is still ahead.
+            let base = tokio::time::Instant::now() + DIAL_TIMEOUTS[3];
             let before = writes();
             for i in 0..n {
                 let slept = sleeps(timers.1);
@@ -182,7 +196,12 @@ mod tests {
                 }
                 let mut timer = Box::pin({
                     let _on_timers = timers.0.enter();
-                    tokio::time::sleep(DIAL_TIMEOUTS[0])
+                    match due {
+                        Due::AsDialed => tokio::time::sleep(DIAL_TIMEOUTS[0]),
+                        Due::EachEarliest => {
+                            tokio::time::sleep_until(base - Duration::from_millis(i as u64))
+                        }
+                    }
                 });
                 // The first poll arms the timer, as a dial's first poll does; the drop cancels it.
                 std::future::poll_fn(|cx| {
@@ -207,8 +226,10 @@ mod tests {
     }
 
     #[test]
-    fn without_the_keeper_every_dial_timer_wakes_the_timer_thread() {
-        let woken = arm_dial_timers(&timer_thread(None), None, 20);
+    fn without_the_keeper_every_earliest_timer_wakes_the_timer_thread() {
+        // With no dial pending, a dial's timer is the earliest: this is what each dial would
+        // cost, and what the count below sees.
+        let woken = arm_dial_timers(&timer_thread(None), None, Due::EachEarliest, 20);
         assert!(woken >= 20, "{woken} writes for 20 timers");
     }
 
@@ -219,7 +240,7 @@ mod tests {
             waiting: AtomicBool::new(false),
             wake: Notify::const_new(),
         };
-        let woken = arm_dial_timers(&timer_thread(Some(&K)), Some(&K), 20);
+        let woken = arm_dial_timers(&timer_thread(Some(&K)), Some(&K), Due::AsDialed, 20);
         // The first dial finds the keeper waiting and wakes it, and its timer is the earliest;
         // none after.
         assert!(woken <= 2, "{woken} writes for 20 timers");
