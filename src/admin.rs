@@ -80,11 +80,11 @@ impl AdminState {
         let ok = healthy(
             now,
             queued.max(st.last_queued),
-            st.last_sync,
+            st.up_to_date,
             self.health_timeout,
         );
         // As kube-proxy: when healthy, lastUpdated reads as now.
-        let last = if ok { Some(now) } else { st.last_sync };
+        let last = if ok { Some(now) } else { st.up_to_date };
         let body = format!(
             "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"}}",
             last.map(rfc3339).unwrap_or_default(),

@@ -1264,9 +1264,11 @@ fn health_flips(ipt: &str) -> Result<(), String> {
     let _ = holder.wait();
     stuck?;
     poll(&w, "200", 15)?;
+    let save = w.save();
     check!(
-        w.save().contains("10.96.0.20/32"),
-        "the queued change was not applied after the lock was released"
+        save.contains("10.96.0.20/32"),
+        "the queued change was not applied after the lock was released\n{save}\n{}",
+        w.log()
     );
     let _ = node;
     Ok(())
