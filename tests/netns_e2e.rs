@@ -90,10 +90,17 @@ fn helper_client() {
         return;
     }
     let count: usize = std::env::var("UP_COUNT").unwrap().parse().unwrap();
+    // A fixed source port: every attempt is the same flow to conntrack.
+    let from: Option<u16> = std::env::var("UP_SRC_PORT")
+        .ok()
+        .map(|p| p.parse().unwrap());
     guard_target(&target);
     for _ in 0..count.min(1000) {
         let r = if proto == "tcp" {
-            tcp_once(target)
+            match from {
+                Some(port) => tcp_from(port, target),
+                None => tcp_once(target),
+            }
         } else {
             udp_once(target)
         };
@@ -149,6 +156,27 @@ fn helper_load(target: SocketAddr) {
 fn tcp_once(target: SocketAddr) -> Result<String, String> {
     let s =
         TcpStream::connect_timeout(&target, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if line.is_empty() {
+        return Err("closed without data".into());
+    }
+    Ok(line.trim().to_string())
+}
+
+/// [`tcp_once`] from source port `port`.
+fn tcp_from(port: u16, target: SocketAddr) -> Result<String, String> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    s.set_reuse_address(true).map_err(|e| e.to_string())?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .map_err(|e| format!("bind: {e}"))?;
+    s.connect_timeout(&target.into(), Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    let s = TcpStream::from(s);
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut line = String::new();
     BufReader::new(s)
@@ -474,6 +502,25 @@ impl World {
                 }
             })
             .collect()
+    }
+
+    /// One TCP request from `ns` to `target`, from source port `port`.
+    fn tcp_from(&self, ns: &str, port: u16, target: &str) -> Result<String, String> {
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, exe.to_str().unwrap()])
+            .env("UP_E2E_HELPER", "client")
+            .env("UP_PROTO", "tcp")
+            .env("UP_TARGET", target)
+            .env("UP_COUNT", "1")
+            .env("UP_SRC_PORT", port.to_string())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let out = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        match out.strip_prefix("ID ") {
+            Some(id) => Ok(id.to_string()),
+            None => Err(out),
+        }
     }
 
     /// Polls until one request succeeds (the proxy is up and its rules are in), or fails.
@@ -1188,6 +1235,53 @@ fn restart_under_load(ipt: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A client that dialled a service before the node programmed it reaches it once it is, from
+/// the same source port too. Its first SYN was tracked without NAT, and conntrack matches every
+/// later SYN of that flow to that entry (refreshing it), so without clearing such entries the
+/// connect keeps failing for as long as the client retries.
+fn flows_before_their_portal(ipt: &str) -> Result<(), String> {
+    let mut w = World::new(ipt)?;
+    w.backends()?;
+    w.write_config(&format!("{HEAD}{}", services(false)));
+    w.start_proxy(&[])?;
+    // From the node itself (host-originated traffic, the OUTPUT portals): its SYN to a service
+    // not yet programmed leaves by the default route, so conntrack keeps the flow. (A pod's SYN
+    // is dropped here, unrouted, before conntrack keeps it; in a cluster whose nodes forward, it
+    // would be kept the same way.)
+    let node = w.node.clone();
+    w.wait_serving(&node, "tcp", "10.96.0.10:80")?;
+    let (port, target) = (41_001, "10.96.0.20:8000");
+    let early = w.tcp_from(&node, port, target);
+    check!(
+        early.is_err(),
+        "{target} answered before it was configured: {early:?}"
+    );
+    w.write_config(&format!("{HEAD}{}", services(true)));
+    w.wait_serving(&node, "tcp", target)?;
+    let mut last = Err(String::new());
+    wait_for(
+        Duration::from_secs(8),
+        "the flow that tried before the portal existed to get through",
+        || {
+            last = w.tcp_from(&node, port, target);
+            last.is_ok()
+        },
+    )
+    .map_err(|e| {
+        format!(
+            "{e}: last {last:?}\n{}\n{}",
+            w.exec(
+                &w.node,
+                &["conntrack", "-L", "-p", "tcp", "--orig-port-dst", "8000"]
+            )
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default(),
+            w.log()
+        )
+    })?;
+    Ok(())
+}
+
 /// /healthz turns 503 when a queued change cannot be applied within 2 x syncPeriod (here the
 /// xtables lock is held, so iptables-restore waits), and 200 again once it is applied.
 /// iptables-legacy only: it is the flavour that takes the xtables lock.
@@ -1306,7 +1400,7 @@ fn main() {
         eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         eprintln!("!! netns_e2e SKIPPED: {why}. These tests need root (CI runs them).");
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-        println!("netns_e2e: 0 passed, 0 failed, 14 skipped");
+        println!("netns_e2e: 0 passed, 0 failed, 17 skipped");
         return;
     }
     let mut flavours = vec!["iptables-nft"];
@@ -1335,9 +1429,10 @@ fn main() {
     let iptables_only: RunsUnder = |f| f != NFTABLES;
     let nftables_only: RunsUnder = |f| f == NFTABLES;
     let any: RunsUnder = |_| true;
-    let scenarios: [(&str, Scenario, RunsUnder); 6] = [
+    let scenarios: [(&str, Scenario, RunsUnder); 7] = [
         ("restart_under_load", restart_under_load, any),
         ("external_local", external_local, any),
+        ("flows_before_their_portal", flows_before_their_portal, any),
         ("full_lifecycle", full_lifecycle, iptables_only),
         ("minimal_shapes", minimal_shapes, iptables_only),
         ("bind_mode", bind_mode, iptables_only),

@@ -191,6 +191,9 @@ pub struct Proxier {
     ports: imbl::OrdMap<ServicePortName, PortStatus>,
     /// Proxy ports of a previous run, by portal, re-bound where possible.
     adopt: std::collections::HashMap<(IpAddr, Protocol, u16), u16>,
+    /// Addresses given portals since rules were last written, whose flows tracked before
+    /// then are to be cleared once they are ([`rules::conntrack`]).
+    unnatted: std::collections::BTreeSet<rules::conntrack::Dialled>,
 }
 
 fn listen_key(opts: &Options, spec: &ServicePort) -> ListenKey {
@@ -221,6 +224,46 @@ fn bind_addrs(spec: &ServicePort) -> Vec<SocketAddr> {
     v.dedup();
     v
 }
+
+/// The addresses clients dial for `spec` that `old` (the same port as it was) did not have:
+/// its portals, and its NodePort on each of the node's IPv4 addresses. IPv4 only, as the NAT
+/// portals are.
+fn newly_dialled(
+    spec: &ServicePort,
+    old: Option<&ServicePort>,
+    node: &NodeAddrs,
+) -> Vec<rules::conntrack::Dialled> {
+    let v4 = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    };
+    let same_protocol = old.filter(|o| o.protocol == spec.protocol);
+    let mut out: Vec<rules::conntrack::Dialled> = spec
+        .portal_addrs()
+        .filter(|a| same_protocol.is_none_or(|o| !o.portal_addrs().any(|b| b == *a)))
+        .filter_map(|a| v4(a.ip()).map(|ip| (ip, a.port())))
+        .map(|(ip, port)| rules::conntrack::Dialled {
+            protocol: spec.protocol,
+            ip,
+            port,
+        })
+        .collect();
+    if let Some(np) = spec.node_port {
+        if same_protocol.is_none_or(|o| o.node_port != Some(np)) {
+            out.extend(node.local.iter().filter_map(|ip| v4(*ip)).map(|ip| {
+                rules::conntrack::Dialled {
+                    protocol: spec.protocol,
+                    ip,
+                    port: np,
+                }
+            }));
+        }
+    }
+    out
+}
+
+/// Whether the failure to clear flows tracked before their portals was logged as a warning.
+static CONNTRACK_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn affinity_timeout(a: Affinity) -> Option<Duration> {
     match a {
@@ -296,6 +339,7 @@ impl Proxier {
             full_next: false,
             rules_node: None,
             ports: Default::default(),
+            unnatted: Default::default(),
         }
     }
 
@@ -534,6 +578,11 @@ impl Proxier {
             })
             .collect();
         let plan = plan::plan(&current, &want);
+        for name in plan.open.iter().chain(&plan.replace).chain(&plan.update) {
+            let old = self.applied.get(name).map(|a| &*a.spec);
+            self.unnatted
+                .extend(newly_dialled(&want[name].1, old, &node));
+        }
         let mut retired = Vec::new();
         self.failures
             .retain(|n, _| desired.services.contains_key(n));
@@ -640,6 +689,24 @@ impl Proxier {
         let rules_current = !full && plan.is_empty() && self.rules_node.as_ref() == Some(&node);
         if !rules_current {
             self.write_rules(&node);
+        }
+        if self.counters.rules_error.is_none() && !self.unnatted.is_empty() {
+            // Only once the rules are in: a flow tracked before that would bypass them.
+            let dialled = std::mem::take(&mut self.unnatted);
+            match self.backend.forget_unnatted(&dialled) {
+                Ok(stale) => {
+                    debug!(
+                        addresses = dialled.len(),
+                        ?stale,
+                        "cleared flows tracked before their portals"
+                    )
+                }
+                // Once: a node without the `conntrack` tool would say it at every change.
+                Err(e) if !CONNTRACK_WARNED.swap(true, Ordering::Relaxed) => {
+                    warn!(error = %e, "cannot clear flows tracked before their portals; a client that dialled a service before it was programmed may wait until its conntrack entry expires")
+                }
+                Err(e) => debug!(error = %e, "cannot clear flows tracked before their portals"),
+            }
         }
         let t_rules = t_rules.elapsed();
         for a in retired {
@@ -888,6 +955,72 @@ mod tests {
             TaskTracker::new(),
             CancellationToken::new(),
         )
+    }
+
+    fn web() -> ServicePort {
+        ServicePort {
+            name: ServicePortName::new("default", "web", "http"),
+            protocol: Protocol::Tcp,
+            cluster_ip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            node_port: Some(30080),
+            external_ips: vec!["203.0.113.7".parse().unwrap()],
+            load_balancer_ips: vec!["fd00::9".parse().unwrap()],
+            affinity: Affinity::None,
+            internal_policy: TrafficPolicy::Cluster,
+            external_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+        }
+    }
+
+    fn dialled(v: &[rules::conntrack::Dialled]) -> Vec<String> {
+        v.iter()
+            .map(|d| format!("{}/{}:{}", d.protocol, d.ip, d.port))
+            .collect()
+    }
+
+    /// The addresses whose pre-portal flows a sync clears: every IPv4 portal and the NodePort
+    /// on each node address for a new port; only what an update added; all of them again when
+    /// the protocol changed (the old rules were for the other one).
+    #[test]
+    fn newly_dialled_addresses_are_the_portals_a_change_adds() {
+        let node = NodeAddrs {
+            host_ip: Some("192.168.1.10".parse().unwrap()),
+            local: vec![
+                "127.0.0.1".parse().unwrap(),
+                "192.168.1.10".parse().unwrap(),
+                "fe80::1".parse().unwrap(),
+            ],
+        };
+        let spec = web();
+        assert_eq!(
+            dialled(&newly_dialled(&spec, None, &node)),
+            [
+                "tcp/10.96.0.10:80",
+                "tcp/203.0.113.7:80",
+                "tcp/127.0.0.1:30080",
+                "tcp/192.168.1.10:30080"
+            ]
+        );
+        assert!(newly_dialled(&spec, Some(&spec), &node).is_empty());
+        let before = ServicePort {
+            external_ips: vec![],
+            node_port: None,
+            ..web()
+        };
+        assert_eq!(
+            dialled(&newly_dialled(&spec, Some(&before), &node)),
+            [
+                "tcp/203.0.113.7:80",
+                "tcp/127.0.0.1:30080",
+                "tcp/192.168.1.10:30080"
+            ]
+        );
+        let udp = ServicePort {
+            protocol: Protocol::Udp,
+            ..web()
+        };
+        assert_eq!(newly_dialled(&spec, Some(&udp), &node).len(), 4);
     }
 
     /// A sync that ran on a snapshot older than a queued change (it waited for the xtables

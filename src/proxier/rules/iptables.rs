@@ -738,33 +738,6 @@ fn kernel_has_extensions() -> bool {
         .all(|m| names.contains(m))
 }
 
-/// Deletes UDP conntrack entries whose original destination is `ip:port`.
-///
-/// # Errors
-/// `conntrack` is missing or fails ("0 flow entries" is success).
-pub fn flush_udp_conntrack(ip: IpAddr, port: u16) -> Result<()> {
-    let ip_s = ip.to_string();
-    let port_s = port.to_string();
-    let mut args = vec![
-        "-D",
-        "-p",
-        "udp",
-        "--orig-dst",
-        ip_s.as_str(),
-        "--orig-port-dst",
-        port_s.as_str(),
-    ];
-    if ip.is_ipv6() {
-        args.extend_from_slice(&["-f", "ipv6"]);
-    }
-    match run("conntrack", &args, None) {
-        Ok(_) => Ok(()),
-        // conntrack exits 1 when nothing matched; that is the common case.
-        Err(Error::Command { stderr, .. }) if stderr.contains("0 flow entries") => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@
 //! closing old ones, so a rule never points at a closed port.
 
 pub mod bind;
+pub mod conntrack;
 pub mod iptables;
 pub mod nftables;
 
@@ -153,8 +154,25 @@ impl Backend {
     /// The `conntrack` tool failed.
     pub fn flush_udp_conntrack(&self, ip: IpAddr, port: u16) -> Result<()> {
         match self {
-            Backend::Iptables(_) | Backend::Nftables(_) => iptables::flush_udp_conntrack(ip, port),
+            Backend::Iptables(_) | Backend::Nftables(_) => conntrack::flush_udp(ip, port),
             _ => Ok(()),
+        }
+    }
+
+    /// Deletes the flows to `dialled` that were tracked before their rules existed (NAT
+    /// backends only: without NAT a flow's packets are routed one by one). See [`conntrack`].
+    ///
+    /// # Errors
+    /// `conntrack` is missing or fails.
+    pub fn forget_unnatted(
+        &self,
+        dialled: &std::collections::BTreeSet<conntrack::Dialled>,
+    ) -> Result<Option<usize>> {
+        match self {
+            Backend::Iptables(_) | Backend::Nftables(_) if !dialled.is_empty() => {
+                conntrack::forget_unnatted(dialled)
+            }
+            _ => Ok(Some(0)),
         }
     }
 
