@@ -446,6 +446,9 @@ EOF
   # the proxy port (linear chains with iptables, maps with nftables).
   r=$(inns "$CP" "$LG" crr --target "$last" --secs 3 --conc 4)
   rec userspace-proxy "crr${sfx}_at_${n}_cps" "$(json "$r" cps)" 1
+  # Each failure held one of the 4 clients for its 2 s timeout: the rate above is only honest
+  # beside it.
+  rec userspace-proxy "crr${sfx}_at_${n}_errors" "$(json "$r" errors)" 1
   # One more service, ADD_REPS times: time from the file write (plus SIGHUP, the immediate-reload
   # path; the file is otherwise polled every 500 ms) to its first answer.
   for k in $(seq 1 "$ADD_REPS"); do

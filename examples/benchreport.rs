@@ -174,6 +174,8 @@ const CONTROL_PLANE: &[(&str, &str, &str)] = &[
     ("rss_", "_mib", "RSS with {n} service ports, MiB"),
     ("crr_nft_at_", "_cps", "new connections per second through a service, with {n} present, nftables portals"),
     ("crr_at_", "_cps", "new connections per second through a service, with {n} present, iptables portals"),
+    ("crr_nft_at_", "_errors", "connections that failed in that run, with {n} present, nftables portals"),
+    ("crr_at_", "_errors", "connections that failed in that run, with {n} present, iptables portals"),
     ("add_one_api_at_", "_ms", "one more service answering, with {n} present (API create → first answer), ms"),
     ("add_one_nft_at_", "_ms", "one more service answering, with {n} present (file write + SIGHUP → first answer), nftables portals, ms"),
     ("add_one_at_", "_ms", "one more service answering, with {n} present (file write + SIGHUP → first answer), iptables portals, ms"),

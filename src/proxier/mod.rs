@@ -18,6 +18,7 @@ pub mod pacing;
 pub mod plan;
 pub mod port_allocator;
 pub mod rules;
+pub mod stale_flows;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -194,6 +195,8 @@ pub struct Proxier {
     /// Addresses given portals since rules were last written, whose flows tracked before
     /// then are to be cleared once they are ([`rules::conntrack`]).
     unnatted: std::collections::BTreeSet<rules::conntrack::Dialled>,
+    /// Clears them, off the sync loop.
+    stale_flows: stale_flows::StaleFlows,
 }
 
 fn listen_key(opts: &Options, spec: &ServicePort) -> ListenKey {
@@ -262,9 +265,6 @@ fn newly_dialled(
     out
 }
 
-/// Whether the failure to clear flows tracked before their portals was logged as a warning.
-static CONNTRACK_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 fn affinity_timeout(a: Affinity) -> Option<Duration> {
     match a {
         Affinity::None => None,
@@ -318,7 +318,9 @@ impl Proxier {
     ) -> Self {
         let (status, _) = watch::channel(Arc::new(Status::default()));
         let listeners = CancellationToken::new();
+        let stale_flows = stale_flows::StaleFlows::new(tracker.clone(), listeners.clone());
         Self {
+            stale_flows,
             allocator: PortAllocator::new(&opts.port_range),
             health_ports: health_ports::HealthPorts::new(
                 opts.bind_address,
@@ -690,22 +692,12 @@ impl Proxier {
         if !rules_current {
             self.write_rules(&node);
         }
-        if self.counters.rules_error.is_none() && !self.unnatted.is_empty() {
+        if self.counters.rules_error.is_none() {
             // Only once the rules are in: a flow tracked before that would bypass them.
             let dialled = std::mem::take(&mut self.unnatted);
-            match self.backend.forget_unnatted(&dialled) {
-                Ok(stale) => {
-                    debug!(
-                        addresses = dialled.len(),
-                        ?stale,
-                        "cleared flows tracked before their portals"
-                    )
-                }
-                // Once: a node without the `conntrack` tool would say it at every change.
-                Err(e) if !CONNTRACK_WARNED.swap(true, Ordering::Relaxed) => {
-                    warn!(error = %e, "cannot clear flows tracked before their portals; a client that dialled a service before it was programmed may wait until its conntrack entry expires")
-                }
-                Err(e) => debug!(error = %e, "cannot clear flows tracked before their portals"),
+            // NAT backends only: without NAT a flow's packets are routed one by one.
+            if self.backend.guards_by_original_dst() {
+                self.stale_flows.clear(dialled);
             }
         }
         let t_rules = t_rules.elapsed();

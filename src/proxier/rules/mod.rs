@@ -159,23 +159,6 @@ impl Backend {
         }
     }
 
-    /// Deletes the flows to `dialled` that were tracked before their rules existed (NAT
-    /// backends only: without NAT a flow's packets are routed one by one). See [`conntrack`].
-    ///
-    /// # Errors
-    /// `conntrack` is missing or fails.
-    pub fn forget_unnatted(
-        &self,
-        dialled: &std::collections::BTreeSet<conntrack::Dialled>,
-    ) -> Result<Option<usize>> {
-        match self {
-            Backend::Iptables(_) | Backend::Nftables(_) if !dialled.is_empty() => {
-                conntrack::forget_unnatted(dialled)
-            }
-            _ => Ok(Some(0)),
-        }
-    }
-
     /// Proxy ports a previous run's rules point at, by portal (`ip`, protocol, port), for the
     /// proxier to re-bind (NAT backends only; the others have nothing to adopt).
     pub fn take_adoptable(
