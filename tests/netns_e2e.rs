@@ -156,6 +156,11 @@ fn helper_load(target: SocketAddr) {
 fn tcp_once(target: SocketAddr) -> Result<String, String> {
     let s =
         TcpStream::connect_timeout(&target, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    read_id(s)
+}
+
+/// The backend's first line on a connected stream: its id.
+fn read_id(s: TcpStream) -> Result<String, String> {
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut line = String::new();
     BufReader::new(s)
@@ -176,16 +181,7 @@ fn tcp_from(port: u16, target: SocketAddr) -> Result<String, String> {
         .map_err(|e| format!("bind: {e}"))?;
     s.connect_timeout(&target.into(), Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
-    let s = TcpStream::from(s);
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    if line.is_empty() {
-        return Err("closed without data".into());
-    }
-    Ok(line.trim().to_string())
+    read_id(TcpStream::from(s))
 }
 
 fn udp_once(target: SocketAddr) -> Result<String, String> {

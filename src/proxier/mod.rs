@@ -244,11 +244,12 @@ fn newly_dialled(
     let mut out: Vec<rules::conntrack::Dialled> = spec
         .portal_addrs()
         .filter(|a| same_protocol.is_none_or(|o| !o.portal_addrs().any(|b| b == *a)))
-        .filter_map(|a| v4(a.ip()).map(|ip| (ip, a.port())))
-        .map(|(ip, port)| rules::conntrack::Dialled {
-            protocol: spec.protocol,
-            ip,
-            port,
+        .filter_map(|a| {
+            Some(rules::conntrack::Dialled {
+                protocol: spec.protocol,
+                ip: v4(a.ip())?,
+                port: a.port(),
+            })
         })
         .collect();
     if let Some(np) = spec.node_port {
@@ -580,10 +581,13 @@ impl Proxier {
             })
             .collect();
         let plan = plan::plan(&current, &want);
-        for name in plan.open.iter().chain(&plan.replace).chain(&plan.update) {
-            let old = self.applied.get(name).map(|a| &*a.spec);
-            self.unnatted
-                .extend(newly_dialled(&want[name].1, old, &node));
+        // NAT backends only: without NAT a flow's packets are routed one by one.
+        if self.backend.nat() {
+            for name in plan.open.iter().chain(&plan.replace).chain(&plan.update) {
+                let old = self.applied.get(name).map(|a| &*a.spec);
+                self.unnatted
+                    .extend(newly_dialled(&want[name].1, old, &node));
+            }
         }
         let mut retired = Vec::new();
         self.failures
@@ -694,11 +698,7 @@ impl Proxier {
         }
         if self.counters.rules_error.is_none() {
             // Only once the rules are in: a flow tracked before that would bypass them.
-            let dialled = std::mem::take(&mut self.unnatted);
-            // NAT backends only: without NAT a flow's packets are routed one by one.
-            if self.backend.guards_by_original_dst() {
-                self.stale_flows.clear(dialled);
-            }
+            self.stale_flows.clear(std::mem::take(&mut self.unnatted));
         }
         let t_rules = t_rules.elapsed();
         for a in retired {

@@ -153,9 +153,10 @@ impl Backend {
     /// # Errors
     /// The `conntrack` tool failed.
     pub fn flush_udp_conntrack(&self, ip: IpAddr, port: u16) -> Result<()> {
-        match self {
-            Backend::Iptables(_) | Backend::Nftables(_) => conntrack::flush_udp(ip, port),
-            _ => Ok(()),
+        if self.nat() {
+            conntrack::flush_udp(ip, port)
+        } else {
+            Ok(())
         }
     }
 
@@ -173,6 +174,12 @@ impl Backend {
 
     /// Whether `SO_ORIGINAL_DST` identifies portal traffic (NAT backends only).
     pub fn guards_by_original_dst(&self) -> bool {
+        self.nat()
+    }
+
+    /// Whether portals are NAT rules (iptables, nftables), and so leave conntrack state that
+    /// may need clearing.
+    pub fn nat(&self) -> bool {
         matches!(self, Backend::Iptables(_) | Backend::Nftables(_))
     }
 }
