@@ -393,15 +393,28 @@ ip link add upbp0 netns "$CP" type veth peer name upbp1 netns "$SV"
 ip -n "$CP" addr add 10.10.3.1/24 dev upbp0; ip -n "$CP" link set upbp0 up
 ip -n "$SV" addr add 10.10.3.2/24 dev upbp1; ip -n "$SV" link set upbp1 up
 ip -n "$CP" route add default via 10.10.3.2
+# The address of service s$1 of the generated files.
+svc_addr() { echo "10.96.$(($1 / 250 + 1)).$(($1 % 250 + 1)):9000"; }
+# The service of s1..s$1 the proxy opens last: it opens them in name order, where s9999 comes
+# after s10000. Programming is timed to the moment this one and the highest-numbered one both
+# answer: the proxy writes rules while it still opens listeners (src/proxier/early_rules.rs),
+# so the first services answer long before the last.
+last_opened() { seq 1 "$1" | sort | tail -1; }
+
 # Starts the proxy in the control-plane namespace with the given arguments (its log to $2),
-# waits until the service at $1 answers, and prints how many seconds that took.
+# waits until every service address in $1 (space-separated) answers, and prints how many
+# seconds that took.
 start_and_time() {
-  local last=$1 log=$2 t0 t1
+  local targets=$1 log=$2 t0 t1 t ok
   shift 2
   t0=$(date +%s.%N)
   inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN $*" >/dev/null 2>"$log" &
   for _ in $(seq 1 1200); do
-    if inns "$CP" "$LG" rr --target "$last" --count 1 --connect-ms 50 >/dev/null 2>&1; then break; fi
+    ok=1
+    for t in $targets; do
+      inns "$CP" "$LG" rr --target "$t" --count 1 --connect-ms 50 >/dev/null 2>&1 || { ok=; break; }
+    done
+    [ -n "$ok" ] && break
     sleep 0.05
   done
   t1=$(date +%s.%N)
@@ -437,8 +450,8 @@ EOF
     done
   }
   gen "$n" > "$WORK/cp.yaml"
-  last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
-  rec userspace-proxy "program${sfx}_${n}_s" "$(start_and_time "$last" "$OUT/cp$sfx-$n.log" --config "$WORK/cp.yaml")" 1
+  last=$(svc_addr "$n")
+  rec userspace-proxy "program${sfx}_${n}_s" "$(start_and_time "$(svc_addr "$(last_opened "$n")") $last" "$OUT/cp$sfx-$n.log" --config "$WORK/cp.yaml")" 1
   pid=$(proxy_pid)
   [ -n "$pid" ] || { echo "proxy with $n services died; see $OUT/cp$sfx-$n.log" >&2; exit 1; }
   [ -z "$sfx" ] && rec userspace-proxy "rss_${n}_mib" "$(echo "scale=1; $(awk '/VmRSS/ {print $2}' /proc/$pid/status) / 1024" | bc)" 1
@@ -484,8 +497,8 @@ for n in $CP_SIZES; do
   for _ in $(seq 1 600); do [ -s "$WORK/api.out" ] && break; sleep 0.05; done
   url=$(head -1 "$WORK/api.out")
   printf 'apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: userspace\nhealthzBindAddress: ""\nmetricsBindAddress: ""\nhostnameOverride: bench-cp\n' >"$WORK/cp-api.yaml"
-  last="10.96.$((n / 250 + 1)).$((n % 250 + 1)):9000"
-  rec userspace-proxy "program_api_${n}_s" "$(start_and_time "$last" "$OUT/cp-api-$n.log" --config "$WORK/cp-api.yaml" --master "$url")" 1
+  last=$(svc_addr "$n")
+  rec userspace-proxy "program_api_${n}_s" "$(start_and_time "$(svc_addr "$(last_opened "$n")") $last" "$OUT/cp-api-$n.log" --config "$WORK/cp-api.yaml" --master "$url")" 1
   pid=$(proxy_pid)
   [ -n "$pid" ] || { echo "proxy with $n API services died; see $OUT/cp-api-$n.log" >&2; exit 1; }
   for k in $(seq 1 "$ADD_REPS"); do

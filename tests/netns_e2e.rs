@@ -13,6 +13,7 @@
 //! iptables) every scenario is skipped with a loud message.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
@@ -67,8 +68,34 @@ fn helper_backend() {
     std::thread::sleep(lifetime); // bounded: the backend ends itself
 }
 
+/// One TCP exchange with each of `UP_TARGETS` (comma-separated, at most 2,000): prints
+/// `SWEEP <ok> <failed>` and the first failures.
+fn helper_sweep() {
+    let targets: Vec<SocketAddr> = std::env::var("UP_TARGETS")
+        .unwrap()
+        .split(',')
+        .take(2_000)
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in &targets {
+        guard_target(t);
+        match tcp_once(*t) {
+            Ok(_) => ok += 1,
+            Err(e) => failed.push(format!("{t}: {e}")),
+        }
+    }
+    println!("SWEEP {ok} {}", failed.len());
+    for f in failed.iter().take(5) {
+        println!("ERR {f}");
+    }
+}
+
 fn helper_client() {
     let proto = std::env::var("UP_PROTO").unwrap();
+    if proto == "sweep" {
+        return helper_sweep();
+    }
     let target: SocketAddr = std::env::var("UP_TARGET").unwrap().parse().unwrap();
     if proto == "load" {
         return helper_load(target);
@@ -520,6 +547,20 @@ impl World {
     }
 
     /// Polls until one request succeeds (the proxy is up and its rules are in), or fails.
+    /// One exchange with each of `targets` from `ns`: the helper's `SWEEP <ok> <failed>` line
+    /// and its first errors.
+    fn sweep(&self, ns: &str, targets: &[String]) -> String {
+        let exe = std::env::current_exe().unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", ns, exe.to_str().unwrap()])
+            .env("UP_E2E_HELPER", "client")
+            .env("UP_PROTO", "sweep")
+            .env("UP_TARGETS", targets.join(","))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("cannot run the sweep: {e}"))
+    }
+
     fn wait_serving(&self, ns: &str, proto: &str, target: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -1278,6 +1319,75 @@ fn flows_before_their_portal(ipt: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Enough services at once that rules are written while listeners still open
+/// (src/proxier/early_rules.rs): every one answers, each portal has its rules exactly once, and
+/// the guard covers the run of their proxy ports with a few rules.
+fn many_at_once(ipt: &str) -> Result<(), String> {
+    const N: usize = 600;
+    let mut w = World::new(ipt)?;
+    w.backends()?;
+    let addr = |i: usize| format!("10.96.{}.{}:80", 2 + i / 250, 1 + i % 250);
+    let mut cfg = format!("{HEAD}{}", services(false));
+    for i in 0..N {
+        let _ = write!(
+            cfg,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: many{i}, namespace: default}}\nspec: {{clusterIP: {}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: many{i}, namespace: default}}\nsubsets: [{{addresses: [{{ip: 10.244.0.12}}], ports: [{{port: 8080}}]}}]\n",
+            addr(i).trim_end_matches(":80")
+        );
+    }
+    w.write_config(&cfg);
+    let proxy = w.start_proxy(&[])?;
+    let node = w.node.clone();
+    // many99 opens last: names sort as strings.
+    w.wait_serving(&node, "tcp", &addr(99))?;
+    let targets: Vec<String> = (0..N).map(addr).collect();
+    let mut last = String::new();
+    wait_for(Duration::from_secs(10), "every service to answer", || {
+        last = w.sweep(&node, &targets);
+        last.starts_with(&format!("SWEEP {N} 0"))
+    })
+    .map_err(|e| format!("{e}: {last}\n{}", w.log()))?;
+    let log =
+        std::fs::read_to_string(w.dir.path().join(format!("proxy{proxy}.log"))).unwrap_or_default();
+    let writes: usize = log
+        .lines()
+        .find(|l| l.contains("portals written while listeners opened"))
+        .and_then(|l| l.rsplit("writes").next())
+        .map(|n| n.chars().filter(char::is_ascii_digit).collect::<String>())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no early write was logged\n{}", w.log()))?;
+    check!(
+        writes >= 1,
+        "no write overlapped the opening of {N} listeners"
+    );
+    let save = w.save();
+    if w.nftables() {
+        let elements = save.matches("\"default/many").count();
+        check!(
+            elements >= N,
+            "{elements} portal elements for {N} services:\n{save}"
+        );
+    } else {
+        for chain in ["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"] {
+            let rules = save
+                .lines()
+                .filter(|l| l.starts_with(&format!("-A {chain} ")) && l.contains("default/many"))
+                .count();
+            check!(rules == N, "{rules} rules in {chain} for {N} services");
+        }
+        let guard = save
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-USERSPACE-GUARD "))
+            .count();
+        check!(
+            (1..=8).contains(&guard),
+            "{guard} guard rules for {} proxy ports in sequence:\n{save}",
+            N + 3
+        );
+    }
+    Ok(())
+}
+
 /// /healthz turns 503 when a queued change cannot be applied within 2 x syncPeriod (here the
 /// xtables lock is held, so iptables-restore waits), and 200 again once it is applied.
 /// iptables-legacy only: it is the flavour that takes the xtables lock.
@@ -1396,7 +1506,7 @@ fn main() {
         eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         eprintln!("!! netns_e2e SKIPPED: {why}. These tests need root (CI runs them).");
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
-        println!("netns_e2e: 0 passed, 0 failed, 17 skipped");
+        println!("netns_e2e: 0 passed, 0 failed, 20 skipped");
         return;
     }
     let mut flavours = vec!["iptables-nft"];
@@ -1425,8 +1535,9 @@ fn main() {
     let iptables_only: RunsUnder = |f| f != NFTABLES;
     let nftables_only: RunsUnder = |f| f == NFTABLES;
     let any: RunsUnder = |_| true;
-    let scenarios: [(&str, Scenario, RunsUnder); 7] = [
+    let scenarios: [(&str, Scenario, RunsUnder); 8] = [
         ("restart_under_load", restart_under_load, any),
+        ("many_at_once", many_at_once, any),
         ("external_local", external_local, any),
         ("flows_before_their_portal", flows_before_their_portal, any),
         ("full_lifecycle", full_lifecycle, iptables_only),

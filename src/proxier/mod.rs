@@ -7,12 +7,14 @@
 //! 1. plan (pure): which ports open, are replaced, updated or closed;
 //! 2. bind new listeners (a socket is held before any rule points at it);
 //! 3. update balancers and portal guards in place (live connections keep their backend);
-//! 4. write all portals in one transaction;
+//! 4. write all portals in one transaction (a sync that opens hundreds of ports has already
+//!    written those open so far while it opened the rest: [`early_rules`]);
 //! 5. close listeners no rule points at any more, release their ports, flush UDP conntrack.
 //!
 //! A failure on one service port (its NodePort is taken, no proxy port is free) is logged and
 //! shown in the status for that port only; the next sync retries it.
 
+pub mod early_rules;
 pub mod health_ports;
 pub mod pacing;
 pub mod plan;
@@ -403,6 +405,7 @@ impl Proxier {
         &mut self,
         spec: &Arc<ServicePort>,
         backends: Vec<SocketAddr>,
+        guard: bool,
     ) -> Result<Applied, String> {
         let node_port_claim = self.claim_node_port(spec)?;
         if spec.protocol == Protocol::Udp && spec.external_policy == TrafficPolicy::Local {
@@ -420,7 +423,7 @@ impl Proxier {
             udp_max_sessions: self.opts.udp_max_sessions,
             generation: Default::default(),
         });
-        if self.backend.guards_by_original_dst() {
+        if guard {
             shared.allowed.store(Some(Arc::new(allowed_for(spec))));
         }
         let key = listen_key(&self.opts, spec);
@@ -532,16 +535,52 @@ impl Proxier {
         self.health_ports.sync(&wanted);
     }
 
-    /// Writes the rules for every open port.
-    fn write_rules(&mut self, node: &NodeAddrs) {
-        let portals: Vec<Portal> = self
-            .applied
+    /// Every open service port with its proxy port.
+    fn portals(&self) -> Vec<Portal> {
+        self.applied
             .values()
             .map(|a| Portal {
                 service: a.spec.clone(),
                 proxy_port: a.proxy_port,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Opens (or reopens) the listener of `name`; true when it is open.
+    fn open_named(
+        &mut self,
+        name: &ServicePortName,
+        spec: &Arc<ServicePort>,
+        desired: &DesiredState,
+        guard: bool,
+        retired: &mut Vec<Applied>,
+    ) -> bool {
+        // The old listener of a replaced port goes first when it holds the NodePort claim the
+        // new one needs; otherwise it lives until the rules point elsewhere.
+        if let Some(old) = self.applied.remove(name) {
+            retired.push(old);
+        }
+        if let Some(pos) = retired.iter().position(|r| r.spec.name == *name) {
+            retired[pos].node_port_claim = None;
+        }
+        match self.open(spec, desired.backends(name, &self.opts.node_name), guard) {
+            Ok(a) => {
+                info!(service = %name, protocol = %spec.protocol, portals = ?spec.portal_addrs().collect::<Vec<_>>(), node_port = ?spec.node_port, proxy_port = a.proxy_port, "opened service port");
+                self.failures.remove(name);
+                self.applied.insert(name.clone(), a);
+                true
+            }
+            Err(e) => {
+                error!(service = %name, error = %e, "cannot open service port");
+                self.failures.insert(name.clone(), e);
+                false
+            }
+        }
+    }
+
+    /// Writes the rules for every open port.
+    fn write_rules(&mut self, node: &NodeAddrs) {
+        let portals = self.portals();
         match self.backend.sync(&portals, node) {
             Ok(written) => {
                 if written {
@@ -593,27 +632,30 @@ impl Proxier {
         self.failures
             .retain(|n, _| desired.services.contains_key(n));
 
-        for name in plan.open.iter().chain(&plan.replace) {
-            let spec = &want[name].1;
-            // The old listener of a replaced port goes first when it holds the NodePort claim
-            // the new one needs; otherwise it lives until the rules point elsewhere.
-            if let Some(old) = self.applied.remove(name) {
-                retired.push(old);
-            }
-            if let Some(pos) = retired.iter().position(|r| r.spec.name == *name) {
-                retired[pos].node_port_claim = None;
-            }
-            match self.open(spec, desired.backends(name, &self.opts.node_name)) {
-                Ok(a) => {
-                    info!(service = %name, protocol = %spec.protocol, portals = ?spec.portal_addrs().collect::<Vec<_>>(), node_port = ?spec.node_port, proxy_port = a.proxy_port, "opened service port");
-                    self.failures.remove(name);
-                    self.applied.insert(name.clone(), a);
+        let guard = self.backend.guards_by_original_dst();
+        // New ports only: a replaced one leaves the applied set while it reopens, and a
+        // snapshot taken then would delete its rules. A previous run's rules are rewritten
+        // whole by the first write, so they must not be waiting for adoption either.
+        if self.backend.nat() && self.adopt.is_empty() && plan.open.len() > early_rules::BATCH {
+            let mut backend = std::mem::replace(&mut self.backend, Backend::None);
+            let writes = std::thread::scope(|s| {
+                let mut early = early_rules::EarlyRules::start(s, &mut backend, &node);
+                for name in &plan.open {
+                    if self.open_named(name, &want[name].1, desired, guard, &mut retired) {
+                        early.opened(|| self.portals());
+                    }
                 }
-                Err(e) => {
-                    error!(service = %name, error = %e, "cannot open service port");
-                    self.failures.insert(name.clone(), e);
-                }
+                early.finish()
+            });
+            self.backend = backend;
+            debug!(writes, "portals written while listeners opened");
+        } else {
+            for name in &plan.open {
+                self.open_named(name, &want[name].1, desired, guard, &mut retired);
             }
+        }
+        for name in &plan.replace {
+            self.open_named(name, &want[name].1, desired, guard, &mut retired);
         }
         for name in &plan.update {
             let spec = want[name].1.clone();
@@ -639,7 +681,6 @@ impl Proxier {
             } else {
                 None
             };
-            let guard = self.backend.guards_by_original_dst();
             if let Some(a) = self.applied.get_mut(name) {
                 if needs_claim {
                     a.node_port_claim = claim;
