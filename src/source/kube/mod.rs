@@ -336,10 +336,11 @@ impl KubeSource {
         tx: watch::Sender<Option<Arc<DesiredState>>>,
         cancel: CancellationToken,
     ) {
-        let Some(api) = self.endpoint_api(&cancel).await else {
+        // Independent requests: one round trip to the API server before the lists, not two.
+        let (api, ()) = tokio::join!(self.endpoint_api(&cancel), self.check_node());
+        let Some(api) = api else {
             return;
         };
-        self.check_node().await;
         let mut changes = self.watches(api);
         let mut store = Store::new(self.opts.ipv6);
         let mut services = ListState::<Service>::default();
@@ -429,7 +430,7 @@ impl KubeSource {
             Step::Nothing => return false,
             Step::Listed(list) => {
                 debug!(kind = K::KIND, objects = list.len(), "listed");
-                for e in K::replace(store, &list) {
+                for e in K::replace(store, list) {
                     self.refuse(&e);
                 }
                 return true;
@@ -450,15 +451,15 @@ impl KubeSource {
 /// A kind of object the source watches, and what each of its events does to the store.
 trait Watched: Sized {
     const KIND: &'static str;
-    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error>;
+    fn replace(store: &mut Store, list: Vec<Self>) -> Vec<convert::Error>;
     fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error>;
     fn delete(store: &mut Store, obj: &Self);
 }
 
 impl Watched for Service {
     const KIND: &'static str = "Service";
-    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error> {
-        store.replace_services(list)
+    fn replace(store: &mut Store, list: Vec<Self>) -> Vec<convert::Error> {
+        store.replace_services(&list)
     }
     fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error> {
         if let Some(why) = store.apply_service(obj)? {
@@ -473,7 +474,7 @@ impl Watched for Service {
 
 impl Watched for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
-    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error> {
+    fn replace(store: &mut Store, list: Vec<Self>) -> Vec<convert::Error> {
         store.replace_slices(list)
     }
     fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error> {
@@ -486,8 +487,8 @@ impl Watched for EndpointSlice {
 
 impl Watched for Endpoints {
     const KIND: &'static str = "Endpoints";
-    fn replace(store: &mut Store, list: &[Self]) -> Vec<convert::Error> {
-        store.replace_endpoints(list)
+    fn replace(store: &mut Store, list: Vec<Self>) -> Vec<convert::Error> {
+        store.replace_endpoints(&list)
     }
     fn apply(store: &mut Store, obj: &Self) -> Result<(), convert::Error> {
         store.apply_endpoints(obj)
