@@ -118,28 +118,33 @@ impl<'scope> EarlyRules<'scope> {
 mod tests {
     use super::*;
     use crate::model::{Affinity, Protocol, ServicePort, ServicePortName, TrafficPolicy};
-    use std::sync::Mutex;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
-    /// Records each snapshot's proxy ports; each write takes `pause`, so opens pile up behind it.
+    /// Writes only when the test lets it (one message on `gate` per write), then reports the
+    /// snapshot's proxy ports on `done`; write number `fail_at` (from 0) fails instead.
     struct Recorder {
-        writes: Arc<Mutex<Vec<Vec<u16>>>>,
-        pause: Duration,
+        gate: mpsc::Receiver<()>,
+        done: mpsc::Sender<Result<Vec<u16>, ()>>,
+        writes: usize,
         fail_at: Option<usize>,
     }
 
     impl Writer for Recorder {
         fn write(&mut self, portals: &[Portal], _: &NodeAddrs) -> Result<bool> {
-            std::thread::sleep(self.pause);
-            let mut w = self.writes.lock().unwrap();
-            if self.fail_at == Some(w.len()) {
+            self.gate.recv().expect("the test lets each write through");
+            let n = self.writes;
+            self.writes += 1;
+            if self.fail_at == Some(n) {
+                let _ = self.done.send(Err(()));
                 return Err(super::super::rules::Error::Command {
                     program: "test".into(),
                     code: Some(1),
                     stderr: "refused".into(),
                 });
             }
-            w.push(portals.iter().map(|p| p.proxy_port).collect());
+            let _ = self
+                .done
+                .send(Ok(portals.iter().map(|p| p.proxy_port).collect()));
             Ok(true)
         }
     }
@@ -170,85 +175,111 @@ mod tests {
         }
     }
 
-    /// Opens `n` ports one by one (each taking `open`), as the proxier's loop does.
-    fn run(
-        n: u16,
-        open: Duration,
-        pause: Duration,
+    /// Waits (bounded) until the writer has marked itself idle after a write.
+    fn until_idle(early: &EarlyRules<'_>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while early.busy.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the writer never went idle");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Runs `script` against a writer that fails at write `fail_at`; returns what `finish` said
+    /// and how many writes the writer was asked for.
+    fn with_writer(
         fail_at: Option<usize>,
-    ) -> (Vec<Vec<u16>>, usize) {
-        let writes = Arc::new(Mutex::new(Vec::new()));
+        script: impl FnOnce(
+            &mut EarlyRules<'_>,
+            &mpsc::Sender<()>,
+            &mpsc::Receiver<Result<Vec<u16>, ()>>,
+        ),
+    ) -> (usize, usize) {
+        let (let_through, gate) = mpsc::channel();
+        let (done, written) = mpsc::channel();
         let mut rec = Recorder {
-            writes: writes.clone(),
-            pause,
+            gate,
+            done,
+            writes: 0,
             fail_at,
         };
         let node = node();
-        let done = std::thread::scope(|s| {
+        let ok = std::thread::scope(|s| {
             let mut early = EarlyRules::start(s, &mut rec, &node);
-            let mut open_ports = Vec::new();
-            for p in 1..=n {
-                std::thread::sleep(open);
-                open_ports.push(p);
-                early.opened(|| open_ports.iter().copied().map(portal).collect());
+            script(&mut early, &let_through, &written);
+            // Any write still queued may go through: finish waits for it.
+            for _ in 0..4 {
+                let _ = let_through.send(());
             }
             early.finish()
         });
-        let w = writes.lock().unwrap().clone();
-        (w, done)
+        (ok, rec.writes)
     }
 
     #[test]
-    fn writes_overlap_the_opening_and_carry_every_port_opened_so_far() {
-        // Writes slower than opens: each write covers what opened during the one before.
-        let (writes, done) = run(
-            2_000,
-            Duration::from_micros(20),
-            Duration::from_millis(10),
-            None,
-        );
-        assert_eq!(done, writes.len());
-        assert!(
-            writes.len() >= 2,
-            "more than one write overlapped the opening: {}",
-            writes.len()
-        );
-        let mut last = 0;
-        for w in &writes {
-            // Every snapshot is the ports open at that moment: 1..=k, in order.
-            assert_eq!(*w, (1..=w.len() as u16).collect::<Vec<_>>());
-            assert!(
-                w.len() >= last + BATCH,
-                "a write waits for a batch of new ports"
-            );
-            last = w.len();
-        }
-        assert!(
-            last < 2_000,
-            "ports opened during the last write are left to the sync's own write"
-        );
+    fn a_write_carries_every_port_open_and_opens_wait_for_the_writer() {
+        let writes = with_writer(None, |early, let_through, written| {
+            let mut open = Vec::new();
+            let mut open_one = |early: &mut EarlyRules<'_>, p: u16| {
+                open.push(p);
+                let snapshot = open.clone();
+                early.opened(move || snapshot.into_iter().map(portal).collect());
+            };
+            // The first batch is handed over; while it is written, opens only count.
+            for p in 1..=600 {
+                open_one(early, p);
+            }
+            let_through.send(()).unwrap();
+            let first = written.recv().unwrap().unwrap();
+            assert_eq!(first, (1..=BATCH as u16).collect::<Vec<_>>());
+            until_idle(early);
+            // More than a batch opened meanwhile: the next open hands over everything.
+            open_one(early, 601);
+            let_through.send(()).unwrap();
+            let second = written.recv().unwrap().unwrap();
+            assert_eq!(second, (1..=601).collect::<Vec<_>>());
+            until_idle(early);
+            // Fewer than a batch since: nothing more.
+            for p in 602..=700 {
+                open_one(early, p);
+            }
+            assert!(written.try_recv().is_err());
+        });
+        assert_eq!(writes, (2, 2));
     }
 
     #[test]
     fn fewer_opens_than_a_batch_write_nothing_early() {
-        let (writes, done) = run(BATCH as u16 - 1, Duration::ZERO, Duration::ZERO, None);
-        assert!(writes.is_empty());
-        assert_eq!(done, 0);
+        let writes = with_writer(None, |early, _, written| {
+            for _ in 1..BATCH {
+                early.opened(|| panic!("no snapshot is taken below a batch"));
+            }
+            assert!(written.try_recv().is_err());
+        });
+        assert_eq!(writes, (0, 0));
     }
 
     #[test]
     fn after_a_failed_write_nothing_more_is_written_early() {
-        let (writes, done) = run(
-            3_000,
-            Duration::from_micros(20),
-            Duration::from_millis(5),
-            Some(1),
-        );
+        let writes = with_writer(Some(0), |early, let_through, written| {
+            let mut open = Vec::new();
+            for p in 1..=BATCH as u16 {
+                open.push(p);
+                let snapshot = open.clone();
+                early.opened(move || snapshot.into_iter().map(portal).collect());
+            }
+            let_through.send(()).unwrap();
+            assert_eq!(written.recv().unwrap(), Err(()));
+            until_idle(early);
+            for p in BATCH as u16 + 1..=3 * BATCH as u16 {
+                open.push(p);
+                let snapshot = open.clone();
+                early.opened(move || snapshot.into_iter().map(portal).collect());
+            }
+        });
         assert_eq!(
-            writes.len(),
-            1,
-            "the write after the failure is not attempted"
+            writes,
+            (0, 1),
+            "the snapshot after the failure is not written"
         );
-        assert_eq!(done, 1);
     }
 }
