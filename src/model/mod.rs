@@ -140,6 +140,33 @@ impl ServicePort {
     }
 }
 
+#[cfg(test)]
+impl ServicePort {
+    /// A plain ClusterIP service port for tests: `namespace/name`, unnamed port, no NodePort,
+    /// external or load-balancer IPs, no affinity, cluster-wide traffic policies.
+    pub(crate) fn plain(
+        namespace: &str,
+        name: &str,
+        protocol: Protocol,
+        cluster_ip: &str,
+        port: u16,
+    ) -> Self {
+        ServicePort {
+            name: ServicePortName::new(namespace, name, ""),
+            protocol,
+            cluster_ip: cluster_ip.parse().expect("a test address"),
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            affinity: Affinity::None,
+            internal_policy: TrafficPolicy::Cluster,
+            external_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+        }
+    }
+}
+
 /// One backend address of a service port, with the conditions that decide whether it is used.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {

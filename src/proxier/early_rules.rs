@@ -117,7 +117,7 @@ impl<'scope> EarlyRules<'scope> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Affinity, Protocol, ServicePort, ServicePortName, TrafficPolicy};
+    use crate::model::{Protocol, ServicePort};
     use std::time::{Duration, Instant};
 
     /// Writes only when the test lets it (one message on `gate` per write), then reports the
@@ -151,19 +151,13 @@ mod tests {
 
     fn portal(port: u16) -> Portal {
         Portal {
-            service: Arc::new(ServicePort {
-                name: ServicePortName::new("default", format!("s{port}"), ""),
-                protocol: Protocol::Tcp,
-                cluster_ip: "10.96.0.10".parse().unwrap(),
-                port: 80,
-                node_port: None,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                affinity: Affinity::None,
-                internal_policy: TrafficPolicy::Cluster,
-                external_policy: TrafficPolicy::Cluster,
-                health_check_node_port: None,
-            }),
+            service: Arc::new(ServicePort::plain(
+                "default",
+                &format!("s{port}"),
+                Protocol::Tcp,
+                "10.96.0.10",
+                80,
+            )),
             proxy_port: port,
         }
     }

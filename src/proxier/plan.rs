@@ -70,23 +70,11 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Affinity, TrafficPolicy};
+    use crate::model::Affinity;
     use std::time::Duration;
 
     fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
-        ServicePort {
-            name: ServicePortName::new("ns", name, ""),
-            protocol,
-            cluster_ip: "10.96.0.1".parse().unwrap(),
-            port,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            affinity: Affinity::None,
-            internal_policy: TrafficPolicy::Cluster,
-            external_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
-        }
+        ServicePort::plain("ns", name, protocol, "10.96.0.1", port)
     }
 
     fn entry(p: ServicePort) -> (ServicePortName, (ListenKey, Arc<ServicePort>)) {

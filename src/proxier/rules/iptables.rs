@@ -895,6 +895,15 @@ mod tests {
         }
     }
 
+    /// Full shapes with a wildcard bind address, on `node`.
+    fn full(node: &NodeAddrs) -> RenderContext<'_> {
+        RenderContext {
+            bind: "0.0.0.0".parse().unwrap(),
+            node,
+            shapes: Shapes::Full,
+        }
+    }
+
     /// The reference's worked example (§1.3), rule for rule.
     #[test]
     fn full_shapes_match_the_original_worked_example() {
@@ -999,11 +1008,7 @@ COMMIT
     #[test]
     fn delta_deletes_and_appends_only_what_changed() {
         let n = node();
-        let ctx = RenderContext {
-            bind: "0.0.0.0".parse().unwrap(),
-            node: &n,
-            shapes: Shapes::Full,
-        };
+        let ctx = full(&n);
         let a = web();
         let mut b = web();
         std::sync::Arc::make_mut(&mut b.service).name = ServicePortName::new("default", "api", "");
@@ -1044,11 +1049,7 @@ COMMIT
     #[test]
     fn the_guard_takes_one_rule_per_run_of_consecutive_ports_of_a_protocol() {
         let n = node();
-        let ctx = RenderContext {
-            bind: "0.0.0.0".parse().unwrap(),
-            node: &n,
-            shapes: Shapes::Full,
-        };
+        let ctx = full(&n);
         // Out of order, with a gap (41003), a lone port (41010), and UDP on ports TCP has: a
         // UDP port never extends a TCP run, since the TCP port of that number may be another
         // program's.
@@ -1089,11 +1090,7 @@ COMMIT
     #[test]
     fn the_guard_grows_by_appending_and_shrinks_by_splitting_a_run() {
         let n = node();
-        let ctx = RenderContext {
-            bind: "0.0.0.0".parse().unwrap(),
-            node: &n,
-            shapes: Shapes::Full,
-        };
+        let ctx = full(&n);
         let mut portals: Vec<Portal> = (0..5u16)
             .map(|i| on(&format!("s{i}"), Protocol::Tcp, 41_000 + i))
             .collect();
@@ -1133,11 +1130,7 @@ COMMIT
     #[test]
     fn rendering_is_deterministic_and_empty_when_nothing_to_do() {
         let n = node();
-        let ctx = RenderContext {
-            bind: "0.0.0.0".parse().unwrap(),
-            node: &n,
-            shapes: Shapes::Full,
-        };
+        let ctx = full(&n);
         assert_eq!(render(&[web()], &ctx), render(&[web()], &ctx));
         let empty = render(&[], &ctx);
         assert!(!empty.contains("-A "));
