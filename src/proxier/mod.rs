@@ -740,6 +740,15 @@ impl Proxier {
         if self.counters.rules_error.is_none() {
             // Only once the rules are in: a flow tracked before that would bypass them.
             self.stale_flows.clear(std::mem::take(&mut self.unnatted));
+            // The previous run's rules are gone now, so are its ports' claims; left in place,
+            // they would also keep later large syncs from writing early.
+            if !self.adopt.is_empty() {
+                debug!(
+                    unused = self.adopt.len(),
+                    "proxy ports of the previous run no service took"
+                );
+                self.adopt.clear();
+            }
         }
         let t_rules = t_rules.elapsed();
         for a in retired {
