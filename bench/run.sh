@@ -399,7 +399,7 @@ svc_addr() { echo "10.96.$(($1 / 250 + 1)).$(($1 % 250 + 1)):9000"; }
 # after s10000. Programming is timed to the moment this one and the highest-numbered one both
 # answer: the proxy writes rules while it still opens listeners (src/proxier/early_rules.rs),
 # so the first services answer long before the last.
-last_opened() { seq 1 "$1" | sort | tail -1; }
+last_opened() { seq 1 "$1" | LC_ALL=C sort | tail -1; }
 
 # Starts the proxy in the control-plane namespace with the given arguments (its log to $2),
 # waits until every service address in $1 (space-separated) answers, and prints how many
