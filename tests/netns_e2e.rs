@@ -506,17 +506,18 @@ impl World {
         target: &str,
         count: usize,
     ) -> Vec<Result<String, String>> {
-        let exe = std::env::current_exe().unwrap();
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, exe.to_str().unwrap()])
-            .env("UP_E2E_HELPER", "client")
-            .env("UP_PROTO", proto)
-            .env("UP_TARGET", target)
-            .env("UP_COUNT", count.to_string())
-            .output()
+        let count = count.to_string();
+        let out = self
+            .helper_client(
+                ns,
+                &[
+                    ("UP_PROTO", proto),
+                    ("UP_TARGET", target),
+                    ("UP_COUNT", &count),
+                ],
+            )
             .expect("client runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
+        out.lines()
             .filter_map(|l| {
                 if let Some(id) = l.strip_prefix("ID ") {
                     Some(Ok(id.to_string()))
@@ -527,40 +528,43 @@ impl World {
             .collect()
     }
 
-    /// One TCP request from `ns` to `target`, from source port `port`.
-    fn tcp_from(&self, ns: &str, port: u16, target: &str) -> Result<String, String> {
-        let exe = std::env::current_exe().unwrap();
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, exe.to_str().unwrap()])
-            .env("UP_E2E_HELPER", "client")
-            .env("UP_PROTO", "tcp")
-            .env("UP_TARGET", target)
-            .env("UP_COUNT", "1")
-            .env("UP_SRC_PORT", port.to_string())
-            .output()
-            .map_err(|e| e.to_string())?;
-        let out = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        match out.strip_prefix("ID ") {
-            Some(id) => Ok(id.to_string()),
-            None => Err(out),
-        }
-    }
-
-    /// Polls until one request succeeds (the proxy is up and its rules are in), or fails.
-    /// One exchange with each of `targets` from `ns`: the helper's `SWEEP <ok> <failed>` line
-    /// and its first errors.
-    fn sweep(&self, ns: &str, targets: &[String]) -> String {
+    /// Runs this test binary as the client helper inside `ns` with `env`; its stdout.
+    fn helper_client(&self, ns: &str, env: &[(&str, &str)]) -> std::io::Result<String> {
         let exe = std::env::current_exe().unwrap();
         Command::new("ip")
             .args(["netns", "exec", ns, exe.to_str().unwrap()])
             .env("UP_E2E_HELPER", "client")
-            .env("UP_PROTO", "sweep")
-            .env("UP_TARGETS", targets.join(","))
+            .envs(env.iter().copied())
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// One TCP request from `ns` to `target`, from source port `port`.
+    fn tcp_from(&self, ns: &str, port: u16, target: &str) -> Result<String, String> {
+        let port = port.to_string();
+        let env = [
+            ("UP_PROTO", "tcp"),
+            ("UP_TARGET", target),
+            ("UP_COUNT", "1"),
+            ("UP_SRC_PORT", port.as_str()),
+        ];
+        let out = self.helper_client(ns, &env).map_err(|e| e.to_string())?;
+        let out = out.trim();
+        match out.strip_prefix("ID ") {
+            Some(id) => Ok(id.to_string()),
+            None => Err(out.to_string()),
+        }
+    }
+
+    /// One exchange with each of `targets` from `ns`: the helper's `SWEEP <ok> <failed>` line
+    /// and its first errors.
+    fn sweep(&self, ns: &str, targets: &[String]) -> String {
+        let targets = targets.join(",");
+        self.helper_client(ns, &[("UP_PROTO", "sweep"), ("UP_TARGETS", &targets)])
             .unwrap_or_else(|e| format!("cannot run the sweep: {e}"))
     }
 
+    /// Polls until one request succeeds (the proxy is up and its rules are in), or fails.
     fn wait_serving(&self, ns: &str, proto: &str, target: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -1319,6 +1323,25 @@ fn flows_before_their_portal(ipt: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `line` without its ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Up to and including the sequence's final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Enough services at once that rules are written while listeners still open
 /// (src/proxier/early_rules.rs): every one answers, each portal has its rules exactly once, and
 /// the guard covers the run of their proxy ports with a few rules.
@@ -1349,12 +1372,16 @@ fn many_at_once(ipt: &str) -> Result<(), String> {
     .map_err(|e| format!("{e}: {last}\n{}", w.log()))?;
     let log =
         std::fs::read_to_string(w.dir.path().join(format!("proxy{proxy}.log"))).unwrap_or_default();
+    // The log is coloured: the field reads `writes=N` only once the escapes are gone (picking
+    // digits out of the raw line read the escapes' digits too, so `writes=0` read as 200).
     let writes: usize = log
         .lines()
         .find(|l| l.contains("portals written while listeners opened"))
-        .and_then(|l| l.rsplit("writes").next())
-        .map(|n| n.chars().filter(char::is_ascii_digit).collect::<String>())
-        .and_then(|n| n.parse().ok())
+        .map(strip_ansi)
+        .and_then(|l| {
+            let n = l.split("writes=").nth(1)?;
+            n.split_whitespace().next()?.parse().ok()
+        })
         .ok_or_else(|| format!("no early write was logged\n{}", w.log()))?;
     check!(
         writes >= 1,

@@ -43,7 +43,7 @@ impl Writer for Backend {
 
 /// The writer thread, as seen from the loop that opens listeners.
 pub struct EarlyRules<'scope> {
-    send: Option<mpsc::Sender<Vec<Portal>>>,
+    send: mpsc::Sender<Vec<Portal>>,
     busy: Arc<AtomicBool>,
     opened: usize,
     handle: ScopedJoinHandle<'scope, usize>,
@@ -79,7 +79,7 @@ impl<'scope> EarlyRules<'scope> {
             writes
         });
         Self {
-            send: Some(send),
+            send,
             busy,
             opened: 0,
             handle,
@@ -93,11 +93,8 @@ impl<'scope> EarlyRules<'scope> {
         if self.opened < BATCH || self.busy.load(Ordering::Acquire) {
             return;
         }
-        let Some(send) = &self.send else {
-            return;
-        };
         self.busy.store(true, Ordering::Release);
-        if send.send(snapshot()).is_ok() {
+        if self.send.send(snapshot()).is_ok() {
             self.opened = 0;
         } else {
             self.busy.store(false, Ordering::Release);
@@ -105,10 +102,11 @@ impl<'scope> EarlyRules<'scope> {
     }
 
     /// Waits for the write in progress; returns how many writes succeeded.
-    pub fn finish(mut self) -> usize {
-        drop(self.send.take());
+    pub fn finish(self) -> usize {
+        let Self { send, handle, .. } = self;
+        drop(send);
         // A panic on the writer thread is the backend's bug: re-raise it here.
-        self.handle
+        handle
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }

@@ -999,19 +999,14 @@ mod tests {
         )
     }
 
+    /// With an IPv6 load-balancer IP, which the NAT portals skip.
     fn web() -> ServicePort {
         ServicePort {
             name: ServicePortName::new("default", "web", "http"),
-            protocol: Protocol::Tcp,
-            cluster_ip: "10.96.0.10".parse().unwrap(),
-            port: 80,
             node_port: Some(30080),
             external_ips: vec!["203.0.113.7".parse().unwrap()],
             load_balancer_ips: vec!["fd00::9".parse().unwrap()],
-            affinity: Affinity::None,
-            internal_policy: TrafficPolicy::Cluster,
-            external_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
+            ..ServicePort::plain("default", "web", Protocol::Tcp, "10.96.0.10", 80)
         }
     }
 

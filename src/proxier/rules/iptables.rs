@@ -377,10 +377,12 @@ pub fn guard_delta(
     portals: &[Portal],
     ctx: &RenderContext<'_>,
 ) -> (Vec<GuardRun>, String, String) {
-    if ctx.shapes != Shapes::Full {
-        return (Vec::new(), guard_lines(written), String::new());
-    }
-    let ports = proxy_ports(portals);
+    // Minimal shapes have no guard: every written run goes, none is added.
+    let ports = if ctx.shapes == Shapes::Full {
+        proxy_ports(portals)
+    } else {
+        Vec::new()
+    };
     let ours: std::collections::HashSet<(Protocol, u16)> = ports
         .iter()
         .map(|&(proto, port, _)| (proto, port))
@@ -728,7 +730,7 @@ impl Iptables {
             for (_, (_, text)) in self.rendered.drain() {
                 old_text.push_str(&text); // services that are gone
             }
-            // The guard's runs depend on every port: compare them whole (a sort of the ports).
+            // The guard's runs span services: they are diffed on their own.
             let (guard, gone, added) = guard_delta(&self.guard, portals, &ctx);
             if !gone.is_empty() || !added.is_empty() {
                 let _ = write!(old_text, "*filter\n{gone}COMMIT\n");
@@ -864,22 +866,16 @@ fn kernel_has_extensions() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Affinity, ServicePort, ServicePortName, TrafficPolicy};
+    use crate::model::{ServicePort, ServicePortName};
 
     fn web() -> Portal {
         Portal {
             service: std::sync::Arc::new(ServicePort {
                 name: ServicePortName::new("default", "web", "http"),
-                protocol: Protocol::Tcp,
-                cluster_ip: "10.96.0.10".parse().unwrap(),
-                port: 80,
                 node_port: Some(30080),
                 external_ips: vec!["203.0.113.7".parse().unwrap()],
                 load_balancer_ips: vec!["198.51.100.9".parse().unwrap()],
-                affinity: Affinity::None,
-                internal_policy: TrafficPolicy::Cluster,
-                external_policy: TrafficPolicy::Cluster,
-                health_check_node_port: None,
+                ..ServicePort::plain("default", "web", Protocol::Tcp, "10.96.0.10", 80)
             }),
             proxy_port: 41234,
         }

@@ -269,8 +269,8 @@ impl Store {
     /// A complete list of EndpointSlices replaces what was known. A service whose slices
     /// cannot be understood keeps its previous endpoints; the errors are returned.
     /// Takes the list: the store keeps every slice (a later change to one of a service's slices
-    /// merges it with the others), and copying 10,000 of them was most of the time from the
-    /// list's arrival to the first snapshot.
+    /// merges it with the others), and copied each one when it borrowed the list; this function
+    /// was 8 to 10% of the samples of a start with 10,000 services from the API.
     pub fn replace_slices(&mut self, list: Vec<EndpointSlice>) -> Vec<Error> {
         let mut groups: HashMap<Key, BTreeMap<String, EndpointSlice>> = HashMap::new();
         let mut owners = HashMap::new();
