@@ -185,14 +185,26 @@ fn udp_rr(target: SocketAddr, m: &HashMap<String, String>) {
     s.connect(target).unwrap();
     let msg = vec![5u8; size];
     let mut buf = vec![0u8; 65_536];
-    let (mut lat, mut lost) = (Vec::with_capacity(count), 0u64);
+    let (mut lat, mut lost, mut silent) = (Vec::with_capacity(count), 0u64, 0u32);
     for i in 0..count + count / 10 {
         let t = Instant::now();
         s.send(&msg).unwrap();
         match s.recv(&mut buf) {
-            Ok(_) if i >= count / 10 => lat.push(t.elapsed().as_nanos() as u64),
-            Ok(_) => {}
-            Err(_) => lost += 1,
+            Ok(_) => {
+                silent = 0;
+                if i >= count / 10 {
+                    lat.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            Err(_) => {
+                lost += 1;
+                silent += 1;
+                // A target that stopped answering ends the run after 2 s, not after a timeout
+                // for every request left.
+                if silent == 10 {
+                    break;
+                }
+            }
         }
     }
     lat.sort_unstable();

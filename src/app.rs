@@ -262,6 +262,8 @@ pub async fn start(
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let kill = CancellationToken::new();
+    // Before any listener starts: the data-plane threads read it at each sleep.
+    crate::listener::poll::set_limit(loaded.settings.poll_before_sleep);
     let opts = Options::from_settings(&loaded.settings);
     let grace = loaded.settings.shutdown_grace_period;
     let mut proxier = Proxier::new(opts, backend, tracker.clone(), kill.clone());

@@ -158,6 +158,16 @@ fn default_iptables_command() -> String {
 fn default_udp_max_sessions() -> usize {
     16_384
 }
+/// The longest poll before a data-plane thread sleeps ([`crate::listener::poll`]).
+pub const DEFAULT_POLL_BEFORE_SLEEP: Duration = Duration::from_micros(100);
+
+/// Past this a poll would cost more than the halt and wake-up it saves, and starve the host.
+pub const MAX_POLL_BEFORE_SLEEP: Duration = Duration::from_millis(1);
+
+fn default_poll_before_sleep() -> GoDuration {
+    GoDuration(DEFAULT_POLL_BEFORE_SLEEP)
+}
+
 fn default_grace() -> GoDuration {
     GoDuration(Duration::from_secs(5))
 }
@@ -333,6 +343,10 @@ pub struct KubeProxyConfiguration {
     /// Extension: how long established connections may drain on SIGTERM.
     #[serde(default = "default_grace")]
     pub shutdown_grace_period: GoDuration,
+    /// Extension: how long a data-plane thread that ran out of work polls for more before it
+    /// sleeps (an adaptive window up to this; `0s` never polls).
+    #[serde(default = "default_poll_before_sleep")]
+    pub poll_before_sleep: GoDuration,
     /// Extension: serve only Services labelled `service.kubernetes.io/service-proxy-name` with
     /// this value (empty: serve the unlabelled ones, as kube-proxy does), so this proxy can run
     /// beside another.
@@ -429,6 +443,8 @@ pub struct Settings {
     pub udp_max_sessions: usize,
     /// Drain time on SIGTERM.
     pub shutdown_grace_period: Duration,
+    /// Longest poll before a data-plane thread sleeps.
+    pub poll_before_sleep: Duration,
     /// `oom_score_adj` to apply.
     pub oom_score_adj: Option<i32>,
 }
@@ -596,6 +612,15 @@ impl KubeProxyConfiguration {
         if self.udp_max_sessions == 0 {
             return Err(err("udpMaxSessions", "must be greater than 0".into()));
         }
+        if self.poll_before_sleep.0 > MAX_POLL_BEFORE_SLEEP {
+            return Err(err(
+                "pollBeforeSleep",
+                format!(
+                    "{} is more than the most allowed, {}: a longer poll costs more CPU than the wake-up it saves (0s turns polling off)",
+                    self.poll_before_sleep, GoDuration(MAX_POLL_BEFORE_SLEEP)
+                ),
+            ));
+        }
         if !matches!(
             self.iptables_command.as_str(),
             "iptables" | "iptables-legacy" | "iptables-nft"
@@ -668,6 +693,7 @@ impl KubeProxyConfiguration {
             iptables_command: self.iptables_command.clone(),
             udp_max_sessions: self.udp_max_sessions,
             shutdown_grace_period: self.shutdown_grace_period.0,
+            poll_before_sleep: self.poll_before_sleep.0,
             oom_score_adj: self.oom_score_adj,
         })
     }
@@ -700,6 +726,17 @@ mod tests {
         assert_eq!(s.port_range, PortRange::Ephemeral);
         assert_eq!(s.service_cidr, "10.96.0.0/12".parse::<IpNet>().unwrap());
         assert_eq!(s.portal_mode, PortalMode::Iptables);
+        assert_eq!(s.poll_before_sleep, Duration::from_micros(100));
+    }
+
+    #[test]
+    fn polling_before_sleep_can_be_shortened_or_turned_off_but_not_made_long() {
+        let s = cfg("pollBeforeSleep: 50us").validate("f.yaml", 1).unwrap();
+        assert_eq!(s.poll_before_sleep, Duration::from_micros(50));
+        let s = cfg("pollBeforeSleep: 0s").validate("f.yaml", 1).unwrap();
+        assert_eq!(s.poll_before_sleep, Duration::ZERO);
+        let s = cfg("pollBeforeSleep: 1ms").validate("f.yaml", 1).unwrap();
+        assert_eq!(s.poll_before_sleep, MAX_POLL_BEFORE_SLEEP);
     }
 
     #[test]
@@ -718,6 +755,7 @@ mod tests {
     fn each_invalid_field_is_named() {
         for (yaml, field) in [
             ("udpIdleTimeout: 0s", "udpIdleTimeout"),
+            ("pollBeforeSleep: 1001us", "pollBeforeSleep"),
             ("bindAddress: 127.0.0.1", "bindAddress"),
             ("bindAddress: nope", "bindAddress"),
             ("portRange: 9-1", "portRange"),

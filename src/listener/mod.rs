@@ -13,6 +13,7 @@
 
 mod gso;
 mod keepalive;
+pub mod poll;
 pub mod splice;
 pub mod stats;
 pub mod tcp;

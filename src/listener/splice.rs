@@ -338,6 +338,7 @@ pub async fn relay(client: &TcpStream, backend: &TcpStream) -> io::Result<(u64, 
     let (mut up, mut down) = (Pump::new(client, backend), Pump::new(backend, client));
     let mut ended = false;
     std::future::poll_fn(|cx| {
+        super::poll::progress();
         let a = up.poll(cx, &mut ended)?;
         let b = down.poll(cx, &mut ended)?;
         if a.is_ready() && b.is_ready() {

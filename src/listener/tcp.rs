@@ -53,6 +53,7 @@ pub(crate) async fn accept_loop(
         };
         match res {
             Ok((stream, peer)) => {
+                super::poll::progress();
                 backoff = Duration::from_millis(5);
                 let (shared, kill) = (shared.clone(), kill.clone());
                 match workers().assign(home) {

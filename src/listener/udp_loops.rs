@@ -74,6 +74,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::poll::{self, cpus_now};
 use super::udp::{self, Port, Session};
 
 /// Key of each loop's command `eventfd` in its epoll set; sockets get keys from 1 up.
@@ -298,19 +299,6 @@ pub fn status() -> Vec<UdpLoopStatus> {
     })
 }
 
-/// How many CPUs the calling thread may run on now: its affinity mask, which `taskset` and a
-/// cpuset cgroup set. Not the cgroup's CPU quota, which [`loops`] counts when it starts them:
-/// a quota throttles, but still lets two loops run at once on two CPUs, and what parking
-/// avoids is two loops taking turns on one.
-fn cpus_now() -> Option<usize> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
-    Some(
-        (0..nix::sched::CpuSet::count())
-            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
-            .count(),
-    )
-}
-
 /// The process's UDP loops, one per CPU it may run on, started on first use.
 ///
 /// # Errors
@@ -363,6 +351,8 @@ pub(crate) struct Loop {
     unwatched: Vec<u64>,
     /// When it next reads how many CPUs the process may run on.
     next_cpu_check: Instant,
+    /// How long it polls before it sleeps ([`poll`]).
+    window: poll::Window,
 }
 
 impl Loop {
@@ -378,11 +368,13 @@ impl Loop {
             parked: false,
             unwatched: Vec::new(),
             next_cpu_check: Instant::now() + CPU_CHECK,
+            window: poll::Window::default(),
         }
     }
 
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); EVENTS];
+        let mut idle_since = Instant::now();
         loop {
             let timeout = if !self.again.is_empty() {
                 EpollTimeout::ZERO
@@ -399,15 +391,7 @@ impl Loop {
                     }
                 }
             };
-            let n = match self.mailbox.epoll.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => 0,
-                Err(e) => {
-                    warn!(error = %e, "UDP loop: epoll_wait failed");
-                    std::thread::sleep(Duration::from_millis(10));
-                    0
-                }
-            };
+            let n = self.wait(&mut events, timeout, idle_since);
             let again = std::mem::take(&mut self.again);
             for ev in &events[..n] {
                 match ev.data() {
@@ -418,8 +402,10 @@ impl Loop {
             for key in again {
                 self.serve(key);
             }
-            // One clock read for the two things that may be due after a wake-up.
+            // One clock read for the three things that want it after a wake-up: the work is
+            // done, so this is also when the loop ran out of it.
             let now = Instant::now();
+            idle_since = now;
             if self.next_sweep.is_some_and(|at| now >= at) {
                 self.sweep();
             }
@@ -428,6 +414,48 @@ impl Loop {
                 if let Some(cpus) = cpus_now() {
                     self.check_cpus(cpus);
                 }
+            }
+        }
+    }
+
+    /// Waits for events. A sleep follows a poll of the window when one is open and more than one
+    /// loop watches (more than one CPU): a poll that catches an event leaves the window as it is,
+    /// a sleep adjusts it by how long the loop was without work since `idle_since`.
+    fn wait(
+        &mut self,
+        events: &mut [EpollEvent],
+        timeout: EpollTimeout,
+        idle_since: Instant,
+    ) -> usize {
+        if timeout == EpollTimeout::ZERO {
+            return self.epoll_wait(events, timeout);
+        }
+        let window = self.window.get();
+        if !window.is_zero() && self.crew.cpus.load(Ordering::Relaxed) > 1 {
+            loop {
+                let n = self.epoll_wait(events, EpollTimeout::ZERO);
+                if n > 0 {
+                    return n;
+                }
+                if idle_since.elapsed() >= window {
+                    break;
+                }
+                poll::step_aside();
+            }
+        }
+        let n = self.epoll_wait(events, timeout);
+        self.window.missed(idle_since.elapsed(), poll::limit());
+        n
+    }
+
+    fn epoll_wait(&self, events: &mut [EpollEvent], timeout: EpollTimeout) -> usize {
+        match self.mailbox.epoll.wait(events, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => {
+                warn!(error = %e, "UDP loop: epoll_wait failed");
+                std::thread::sleep(Duration::from_millis(10));
+                0
             }
         }
     }

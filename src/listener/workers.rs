@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
 use super::keepalive::Pending;
+use super::poll;
 
 /// How many more connections the accepting worker may serve than the least loaded one before
 /// a new connection is handed over. A hand-off costs waking the other thread and moving the
@@ -122,14 +123,20 @@ impl Workers {
                 // ([`super::timers`]). tokio still layers its signal driver over the I/O
                 // driver (the crate has the `signal` feature); on a park without a signal that
                 // is one flag check, 0.9% of a request's instructions in callgrind.
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                    .expect("data-plane runtime");
+                //
+                // Each polls for a while before it sleeps ([`super::poll`]), unless it is the
+                // only one: a process on one CPU must not hold it.
+                let rt = poll::worker_runtime().expect("data-plane runtime");
                 let handle = rt.handle().clone();
                 std::thread::Builder::new()
                     .name(format!("proxy-worker-{i}"))
-                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .spawn(move || {
+                        if n > 1 {
+                            poll::run_worker(rt);
+                        } else {
+                            rt.block_on(std::future::pending::<()>());
+                        }
+                    })
                     .expect("data-plane thread");
                 Worker {
                     handle,
