@@ -255,6 +255,18 @@ fn workers(out: &mut String, status: &[crate::listener::WorkerStatus]) {
                 "Connections a busier event loop handed to this one",
                 |w| w.taken,
             ),
+            (
+                "userspace_proxy_worker_polls_caught_total",
+                "counter",
+                "Polls before sleeping in which a TCP event loop found work a sleep would have waited for",
+                |w| w.polls_caught,
+            ),
+            (
+                "userspace_proxy_worker_polls_missed_total",
+                "counter",
+                "Polls before sleeping that ran out their window before a TCP event loop slept",
+                |w| w.polls_missed,
+            ),
         ],
     );
 }
@@ -278,6 +290,18 @@ fn udp_loops(out: &mut String, status: &[crate::listener::UdpLoopStatus]) {
                 "gauge",
                 "1 while a UDP event loop is parked: the process may run on fewer CPUs than there are loops",
                 |l| u64::from(l.parked),
+            ),
+            (
+                "userspace_proxy_udp_loop_polls_caught_total",
+                "counter",
+                "Polls before sleeping in which a UDP event loop found work a sleep would have waited for",
+                |l| l.polls_caught,
+            ),
+            (
+                "userspace_proxy_udp_loop_polls_missed_total",
+                "counter",
+                "Polls before sleeping that ran out their window before a UDP event loop slept",
+                |l| l.polls_missed,
             ),
         ],
     );
@@ -304,7 +328,12 @@ mod tests {
     #[test]
     fn workers_render_one_sample_each() {
         let mut out = String::new();
-        let w = |connections, taken| crate::listener::WorkerStatus { connections, taken };
+        let w = |connections, taken| crate::listener::WorkerStatus {
+            connections,
+            taken,
+            polls_caught: taken * 10,
+            polls_missed: taken * 100,
+        };
         workers(&mut out, &[w(3, 0), w(1, 7)]);
         assert!(
             out.contains("userspace_proxy_worker_connections{worker=\"0\"} 3\n"),
@@ -318,12 +347,25 @@ mod tests {
             out.contains("userspace_proxy_worker_connections_taken_total{worker=\"1\"} 7\n"),
             "{out}"
         );
+        assert!(
+            out.contains("userspace_proxy_worker_polls_caught_total{worker=\"1\"} 70\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_worker_polls_missed_total{worker=\"1\"} 700\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn udp_loops_render_one_sample_each() {
         let mut out = String::new();
-        let l = |fronts, parked| crate::listener::UdpLoopStatus { fronts, parked };
+        let l = |fronts, parked| crate::listener::UdpLoopStatus {
+            fronts,
+            parked,
+            polls_caught: fronts * 10,
+            polls_missed: fronts * 100,
+        };
         udp_loops(&mut out, &[l(4, false), l(0, true)]);
         assert!(
             out.contains("userspace_proxy_udp_loop_fronts{loop=\"0\"} 4\n"),
@@ -335,6 +377,14 @@ mod tests {
         );
         assert!(
             out.contains("userspace_proxy_udp_loop_parked{loop=\"1\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_udp_loop_polls_caught_total{loop=\"0\"} 40\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("userspace_proxy_udp_loop_polls_missed_total{loop=\"0\"} 400\n"),
             "{out}"
         );
     }

@@ -26,6 +26,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,37 @@ pub fn set_limit(limit: Duration) {
 /// The longest window now.
 pub(crate) fn limit() -> Duration {
     Duration::from_nanos(LIMIT_NS.load(Ordering::Relaxed))
+}
+
+/// What one thread's polls came to, for the metrics: each poll either caught work that a sleep
+/// would have waited for, or ran out its window and slept. Written by that thread alone.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    caught: AtomicU64,
+    missed: AtomicU64,
+}
+
+impl Counts {
+    fn bump(c: &AtomicU64) {
+        // One writer: a plain load and store, no locked instruction.
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn caught(&self) {
+        Self::bump(&self.caught);
+    }
+
+    pub(crate) fn missed(&self) {
+        Self::bump(&self.missed);
+    }
+
+    /// (caught, missed) so far.
+    pub(crate) fn get(&self) -> (u64, u64) {
+        (
+            self.caught.load(Ordering::Relaxed),
+            self.missed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// One thread's polling window.
@@ -141,6 +173,7 @@ struct Worker {
     poller: Option<Waker>,
     /// Polls begun.
     runs: u64,
+    counts: Arc<Counts>,
 }
 
 thread_local! {
@@ -168,8 +201,8 @@ pub(crate) fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs a runtime from [`worker_runtime`] on the calling thread, for the life of the process,
-/// with its poller.
-pub(crate) fn run_worker(rt: tokio::runtime::Runtime) {
+/// with its poller, which counts into `counts`.
+pub(crate) fn run_worker(rt: tokio::runtime::Runtime, counts: Arc<Counts>) {
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
             window: Window::default(),
@@ -178,6 +211,7 @@ pub(crate) fn run_worker(rt: tokio::runtime::Runtime) {
             parked_at: None,
             poller: None,
             runs: 0,
+            counts,
         })
     });
     // A spawned task, not the `block_on` future: waking that one writes the runtime's eventfd,
@@ -229,8 +263,12 @@ async fn poller() {
             if p != seen {
                 seen = p;
                 since = now;
+                with_worker(|w| w.counts.caught());
             } else if now.saturating_duration_since(since) >= window {
-                with_worker(|w| w.idle_since = Some(since));
+                with_worker(|w| {
+                    w.idle_since = Some(since);
+                    w.counts.missed();
+                });
                 break;
             }
         }
@@ -350,7 +388,7 @@ mod tests {
                     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
                 }
                 tx.send(nix::unistd::gettid().as_raw()).unwrap();
-                run_worker(rt);
+                run_worker(rt, Arc::default());
             })
             .unwrap();
         (handle, rx.recv().unwrap())

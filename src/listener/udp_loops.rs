@@ -167,6 +167,8 @@ struct Mailbox {
     fronts: AtomicU64,
     /// Whether it is parked: the process may run on fewer CPUs than there are loops.
     parked: AtomicBool,
+    /// What its polls before sleeping came to.
+    polls: poll::Counts,
 }
 
 impl Mailbox {
@@ -177,6 +179,7 @@ impl Mailbox {
             inbox: Mutex::new(Vec::new()),
             fronts: AtomicU64::new(0),
             parked: AtomicBool::new(false),
+            polls: poll::Counts::default(),
         };
         mailbox.epoll.add(
             &mailbox.wake,
@@ -283,6 +286,10 @@ pub struct UdpLoopStatus {
     pub fronts: u64,
     /// Whether it is parked, the process having fewer CPUs than loops.
     pub parked: bool,
+    /// Polls before sleeping that caught work, since start ([`super::poll`]).
+    pub polls_caught: u64,
+    /// Polls that ran out their window and slept.
+    pub polls_missed: u64,
 }
 
 /// Each UDP loop's status, by loop; empty before any UDP port was served.
@@ -291,9 +298,14 @@ pub fn status() -> Vec<UdpLoopStatus> {
         l.crew
             .mailboxes
             .iter()
-            .map(|m| UdpLoopStatus {
-                fronts: m.fronts.load(Ordering::Relaxed),
-                parked: m.parked.load(Ordering::Relaxed),
+            .map(|m| {
+                let (polls_caught, polls_missed) = m.polls.get();
+                UdpLoopStatus {
+                    fronts: m.fronts.load(Ordering::Relaxed),
+                    parked: m.parked.load(Ordering::Relaxed),
+                    polls_caught,
+                    polls_missed,
+                }
             })
             .collect()
     })
@@ -435,9 +447,11 @@ impl Loop {
             loop {
                 let n = self.epoll_wait(events, EpollTimeout::ZERO);
                 if n > 0 {
+                    self.mailbox.polls.caught();
                     return n;
                 }
                 if idle_since.elapsed() >= window {
+                    self.mailbox.polls.missed();
                     break;
                 }
                 poll::step_aside();

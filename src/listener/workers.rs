@@ -46,6 +46,8 @@ pub(crate) const SLACK: usize = 8;
 #[derive(Debug)]
 struct Worker {
     handle: Handle,
+    /// What its polls before sleeping came to.
+    polls: Arc<poll::Counts>,
     /// Its backend connections awaiting keepalive.
     keepalive: Pending,
     connections: AtomicUsize,
@@ -60,6 +62,10 @@ pub struct WorkerStatus {
     pub connections: usize,
     /// Connections handed to it by busier workers, since start.
     pub taken: u64,
+    /// Polls before sleeping that caught work, since start ([`super::poll`]).
+    pub polls_caught: u64,
+    /// Polls that ran out their window and slept.
+    pub polls_missed: u64,
 }
 
 /// The data-plane runtimes.
@@ -128,11 +134,13 @@ impl Workers {
                 // only one: a process on one CPU must not hold it.
                 let rt = poll::worker_runtime().expect("data-plane runtime");
                 let handle = rt.handle().clone();
+                let polls = Arc::new(poll::Counts::default());
+                let counts = polls.clone();
                 std::thread::Builder::new()
                     .name(format!("proxy-worker-{i}"))
                     .spawn(move || {
                         if n > 1 {
-                            poll::run_worker(rt);
+                            poll::run_worker(rt, counts);
                         } else {
                             rt.block_on(std::future::pending::<()>());
                         }
@@ -140,6 +148,7 @@ impl Workers {
                     .expect("data-plane thread");
                 Worker {
                     handle,
+                    polls,
                     keepalive: Pending::default(),
                     connections: AtomicUsize::new(0),
                     taken: AtomicU64::new(0),
@@ -178,9 +187,14 @@ impl Workers {
     fn status(&self) -> Vec<WorkerStatus> {
         self.workers
             .iter()
-            .map(|w| WorkerStatus {
-                connections: w.connections.load(Ordering::Relaxed),
-                taken: w.taken.load(Ordering::Relaxed),
+            .map(|w| {
+                let (polls_caught, polls_missed) = w.polls.get();
+                WorkerStatus {
+                    connections: w.connections.load(Ordering::Relaxed),
+                    taken: w.taken.load(Ordering::Relaxed),
+                    polls_caught,
+                    polls_missed,
+                }
             })
             .collect()
     }
