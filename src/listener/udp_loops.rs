@@ -906,6 +906,55 @@ mod tests {
     /// client's later datagrams then reach that loop alone, through the front: the service
     /// socket and the other loop see none of them. They arrive in order, replies come back from
     /// the service's address, and closing the port closes the front.
+    /// A loop with its window open takes what is waiting at its first poll (counted as caught)
+    /// and, when nothing comes, polls out its window, sleeps, and shrinks the window after that
+    /// long idle stretch (counted as missed); a loop that may use one CPU never polls.
+    #[test]
+    fn a_loop_polls_before_it_sleeps_unless_it_has_one_cpu() {
+        poll::set_limit(Duration::from_millis(1));
+        let Pair {
+            loops: [mut lp, _other],
+            crew,
+            port,
+            ..
+        } = two_loops();
+        let key = port_key(&lp);
+        let service = port.sock.local_addr().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        let open = |lp: &mut Loop| {
+            for _ in 0..8 {
+                lp.window.missed(Duration::from_micros(60), poll::limit());
+            }
+            assert_eq!(lp.window.get(), Duration::from_millis(1));
+        };
+        let five_s = EpollTimeout::from(5_000u16);
+
+        open(&mut lp);
+        client.send_to(b"ping", service).unwrap();
+        readable(&port.sock);
+        assert!(lp.wait(&mut events, five_s, Instant::now()) > 0);
+        assert_eq!(lp.mailbox.polls.get(), (1, 0));
+        serve_all(&mut lp, key);
+        // The new session's sockets report once on registration (edge-triggered): take that.
+        while lp.epoll_wait(&mut events, EpollTimeout::ZERO) > 0 {}
+
+        let before = Instant::now();
+        assert_eq!(lp.wait(&mut events, EpollTimeout::from(20u16), before), 0);
+        assert!(before.elapsed() >= Duration::from_millis(20));
+        assert_eq!(lp.mailbox.polls.get(), (1, 1));
+        assert_eq!(lp.window.get(), Duration::from_micros(500));
+
+        crew.cpus.store(1, Ordering::Relaxed);
+        open(&mut lp);
+        // Another client: the first one's datagrams now go to its session's front.
+        let second = UdpSocket::bind("127.0.0.1:0").unwrap();
+        second.send_to(b"ping", service).unwrap();
+        readable(&port.sock);
+        assert!(lp.wait(&mut events, five_s, Instant::now()) > 0);
+        assert_eq!(lp.mailbox.polls.get(), (1, 1), "no poll on one CPU");
+    }
+
     #[test]
     fn a_front_carries_its_client_on_the_owner_alone() {
         let Pair {
