@@ -189,7 +189,7 @@ pub(crate) fn progress() {
 }
 
 /// Builds a worker runtime whose sleeps are timed for the window. With polling off
-/// (`pollBeforeSleep: 0`) the hooks cost two clock reads a sleep.
+/// (`pollBeforeSleep: 0s`) the hooks cost two clock reads a sleep.
 pub(crate) fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
