@@ -135,7 +135,10 @@ impl Cpus {
     }
 }
 
-/// The CPUs the calling thread may run on.
+/// How many CPUs the calling thread may run on now: its affinity mask, which `taskset` and a
+/// cpuset cgroup set. Not the cgroup's CPU quota, which the UDP loops and TCP workers count when
+/// they start: a quota throttles, but still lets two threads run at once on two CPUs, and what
+/// parking a UDP loop or not polling avoids is two threads taking turns on one.
 pub(crate) fn cpus_now() -> Option<usize> {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
     Some(
