@@ -23,18 +23,16 @@
 //! The limit is `pollBeforeSleep` ([`set_limit`]; `0s` turns polling off).
 
 use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// The first window once polling turns on.
 pub(crate) const START: Duration = Duration::from_micros(10);
 
 /// How often a polling thread re-reads the CPUs it may run on.
-const CPU_CHECK: Duration = Duration::from_millis(100);
+pub(crate) const CPU_CHECK: Duration = Duration::from_millis(100);
 
 /// The configured limit in nanoseconds; 0 while unset or off.
 static LIMIT_NS: AtomicU64 = AtomicU64::new(0);
@@ -107,31 +105,37 @@ impl Window {
     }
 }
 
-/// Counts the CPUs this thread may run on, re-read at most every [`CPU_CHECK`]: a mask set from
-/// outside (`taskset -ap`) reaches running threads too.
+/// Counts the CPUs this thread may run on, re-read at most every [`CPU_CHECK`] (one system
+/// call): a mask set from outside (`taskset -ap`) reaches running threads too.
 #[derive(Debug)]
 pub(crate) struct Cpus {
-    many: bool,
+    count: Option<usize>,
     next_check: Instant,
 }
 
 impl Cpus {
     pub(crate) fn new() -> Cpus {
         Cpus {
-            many: cpus_now().is_none_or(|n| n > 1),
+            count: cpus_now(),
             next_check: Instant::now() + CPU_CHECK,
         }
     }
 
+    /// Re-reads the count if a check is due: the count just read, else `None`.
+    pub(crate) fn due(&mut self, now: Instant) -> Option<usize> {
+        if now < self.next_check {
+            return None;
+        }
+        self.next_check = now + CPU_CHECK;
+        let n = cpus_now()?;
+        self.count = Some(n);
+        Some(n)
+    }
+
     /// Whether this thread may run on more than one CPU, as of the last check.
     pub(crate) fn many(&mut self, now: Instant) -> bool {
-        if now >= self.next_check {
-            self.next_check = now + CPU_CHECK;
-            if let Some(n) = cpus_now() {
-                self.many = n > 1;
-            }
-        }
-        self.many
+        self.due(now);
+        self.count.is_none_or(|n| n > 1)
     }
 }
 
@@ -174,8 +178,6 @@ struct Worker {
     parked_at: Option<Instant>,
     /// The poller, while it waits for the next wake-up.
     poller: Option<Waker>,
-    /// Polls begun.
-    runs: u64,
     counts: Arc<Counts>,
 }
 
@@ -213,7 +215,6 @@ pub(crate) fn run_worker(rt: tokio::runtime::Runtime, counts: Arc<Counts>) {
             idle_since: None,
             parked_at: None,
             poller: None,
-            runs: 0,
             counts,
         })
     });
@@ -240,9 +241,7 @@ fn unparked() {
         if w.window.get().is_zero() || !w.cpus.many(now) {
             return None;
         }
-        let poller = w.poller.take();
-        w.runs += u64::from(poller.is_some());
-        poller
+        w.poller.take()
     });
     if let Some(Some(waker)) = poller {
         waker.wake();
@@ -252,7 +251,17 @@ fn unparked() {
 /// The worker's poller: one task per worker runtime, for the runtime's life.
 async fn poller() {
     loop {
-        Asleep(false).await;
+        // Until [`unparked`] wakes it.
+        let mut waiting = false;
+        std::future::poll_fn(|cx| {
+            if waiting {
+                return Poll::Ready(());
+            }
+            waiting = true;
+            with_worker(|w| w.poller = Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
         let Some(window) = with_worker(|w| w.window.get()) else {
             return;
         };
@@ -275,22 +284,6 @@ async fn poller() {
                 break;
             }
         }
-    }
-}
-
-/// Waits until [`unparked`] wakes the poller.
-struct Asleep(bool);
-
-impl Future for Asleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            return Poll::Ready(());
-        }
-        self.0 = true;
-        with_worker(|w| w.poller = Some(cx.waker().clone()));
-        Poll::Pending
     }
 }
 
@@ -372,10 +365,13 @@ mod tests {
         assert_eq!(w.get(), Duration::ZERO);
     }
 
-    /// A worker thread like the proxy's (optionally held to one CPU) and its thread id.
-    fn worker(one_cpu: bool) -> (tokio::runtime::Handle, i32) {
+    /// A worker thread like the proxy's (optionally held to one CPU), its thread id and what
+    /// its polls came to.
+    fn worker(one_cpu: bool) -> (tokio::runtime::Handle, i32, Arc<Counts>) {
         let rt = worker_runtime().unwrap();
         let handle = rt.handle().clone();
+        let counts = Arc::new(Counts::default());
+        let theirs = counts.clone();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("poll-test-worker".into())
@@ -391,17 +387,10 @@ mod tests {
                     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
                 }
                 tx.send(nix::unistd::gettid().as_raw()).unwrap();
-                run_worker(rt, Arc::default());
+                run_worker(rt, theirs);
             })
             .unwrap();
-        (handle, rx.recv().unwrap())
-    }
-
-    /// How many polls the worker has begun.
-    fn poll_runs(rt: &tokio::runtime::Handle) -> u64 {
-        let (tx, rx) = mpsc::channel();
-        rt.spawn(async move { tx.send(with_worker(|w| w.runs).unwrap()).unwrap() });
-        rx.recv_timeout(Duration::from_secs(5)).unwrap()
+        (handle, rx.recv().unwrap(), counts)
     }
 
     /// A field of the worker thread's `/proc` status.
@@ -469,11 +458,11 @@ mod tests {
             return;
         }
         set_limit(MAX_TEST_LIMIT);
-        let (rt, tid) = worker(false);
+        let (rt, tid, counts) = worker(false);
         let mut c = proxied_echo(&rt);
         let sleeps = sleeps_per_request(&mut c, tid, 3_000);
         assert!(sleeps < 1.0, "{sleeps} sleeps a request while polling");
-        assert!(poll_runs(&rt) > 0);
+        assert!(counts.get().0 > 0, "polls caught work: {:?}", counts.get());
 
         // Idle: within a bounded time, 300 ms pass with at most 2 ticks (20 ms) of CPU.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -497,10 +486,14 @@ mod tests {
     #[test]
     fn a_worker_on_one_cpu_never_polls() {
         set_limit(MAX_TEST_LIMIT);
-        let (rt, tid) = worker(true);
+        let (rt, tid, counts) = worker(true);
         let mut c = proxied_echo(&rt);
         sleeps_per_request(&mut c, tid, 3_000);
-        assert_eq!(poll_runs(&rt), 0);
+        assert_eq!(
+            counts.get(),
+            (0, 0),
+            "neither caught nor missed: no poll ran"
+        );
     }
 
     /// The longest window the config allows; tests use it so a loaded machine's slow replies

@@ -47,7 +47,7 @@
 //! watching, 14.2 to 14.8 µs with one (socat 14.8 to 15.5, nginx 16.0 to 16.5); with parking,
 //! in another run of the same protocol, 12.4 to 14.1 µs against 12.7 to 14.4 for a proxy
 //! started on that CPU (socat 13.3 to 14.9). A loop reads its affinity mask at most once every
-//! [`CPU_CHECK`], when it wakes anyway, so an idle proxy does nothing for it; parked loops
+//! [`poll::CPU_CHECK`], when it wakes anyway, so an idle proxy does nothing for it; parked loops
 //! watch again as soon as the CPUs come back. (More loops than the process started with are
 //! not started: they come with a restart.) A parked loop keeps its sessions' fronts: each of
 //! those clients stays on one thread.
@@ -74,7 +74,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::poll::{self, cpus_now};
+use super::poll::{self, Cpus};
 use super::udp::{self, Port, Session};
 
 /// Key of each loop's command `eventfd` in its epoll set; sockets get keys from 1 up.
@@ -86,10 +86,6 @@ const EVENTS: usize = 64;
 /// Most batches read from one socket before the loop turns to its other sockets: a flooding
 /// client or backend must not hold the thread. The rest is read on the loop's next turn.
 pub(crate) const BATCHES_PER_TURN: usize = 4;
-
-/// How often at most a loop reads how many CPUs it may run on: when that changes, loops park
-/// or come back within this time of the next datagram. Reading the mask is one system call.
-const CPU_CHECK: Duration = Duration::from_millis(100);
 
 /// Serialises the reading of one service socket among the loops the kernel wakes for it.
 ///
@@ -361,8 +357,9 @@ pub(crate) struct Loop {
     parked: bool,
     /// Service sockets this loop does not watch because it is parked.
     unwatched: Vec<u64>,
-    /// When it next reads how many CPUs the process may run on.
-    next_cpu_check: Instant,
+    /// How many CPUs the process may run on, re-read every [`poll::CPU_CHECK`] at most: when that
+    /// changes, loops park or come back within that time of the next datagram.
+    cpus: Cpus,
     /// How long it polls before it sleeps ([`poll`]).
     window: poll::Window,
 }
@@ -379,7 +376,7 @@ impl Loop {
             next_sweep: None,
             parked: false,
             unwatched: Vec::new(),
-            next_cpu_check: Instant::now() + CPU_CHECK,
+            cpus: Cpus::new(),
             window: poll::Window::default(),
         }
     }
@@ -421,11 +418,8 @@ impl Loop {
             if self.next_sweep.is_some_and(|at| now >= at) {
                 self.sweep();
             }
-            if now >= self.next_cpu_check {
-                self.next_cpu_check = now + CPU_CHECK;
-                if let Some(cpus) = cpus_now() {
-                    self.check_cpus(cpus);
-                }
+            if let Some(cpus) = self.cpus.due(now) {
+                self.check_cpus(cpus);
             }
         }
     }
@@ -1297,7 +1291,7 @@ mod tests {
     /// process) read that mask themselves, and the second one parks while datagrams flow.
     #[test]
     fn running_loops_notice_they_were_given_one_cpu() {
-        let cpus = cpus_now().expect("the affinity mask");
+        let cpus = poll::cpus_now().expect("the affinity mask");
         if cpus < 2 {
             eprintln!("SKIPPED: this test needs a process allowed two CPUs (has {cpus})");
             return;
@@ -1306,7 +1300,7 @@ mod tests {
             let mut one = nix::sched::CpuSet::new();
             one.set(0).unwrap();
             nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
-            assert_eq!(cpus_now(), Some(1));
+            assert_eq!(poll::cpus_now(), Some(1));
             // Threads inherit the mask of the thread that makes them.
             Loops::start(2).unwrap()
         })
