@@ -138,6 +138,21 @@ pub fn render(st: &Status) -> String {
         st.ports.values().filter(|p| p.error.is_none()).count() as f64,
     );
 
+    let pressure = crate::listener::pressure::status();
+    scalar(
+        &mut out,
+        "userspace_proxy_cpu_crowded",
+        "gauge",
+        "1 while polling before sleeping is held off: tasks were waiting for a CPU for over 20% of the last 100 ms (/proc/pressure/cpu)",
+        f64::from(u8::from(pressure.crowded)),
+    );
+    scalar(
+        &mut out,
+        "userspace_proxy_cpu_crowded_checks_total",
+        "counter",
+        "Checks of the CPU pressure (at most every 100 ms, while traffic flows) that found the CPUs crowded",
+        pressure.crowded_checks as f64,
+    );
     workers(&mut out, &crate::listener::worker_status());
     udp_loops(&mut out, &crate::listener::udp_loop_status());
 
@@ -405,6 +420,8 @@ mod tests {
             "userspace_proxy_worker_connections_taken_total",
             "userspace_proxy_udp_loop_fronts",
             "userspace_proxy_udp_loop_parked",
+            "userspace_proxy_cpu_crowded",
+            "userspace_proxy_cpu_crowded_checks_total",
         ] {
             assert!(
                 out.contains(&format!("# TYPE {family} ")),

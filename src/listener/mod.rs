@@ -14,6 +14,7 @@
 mod gso;
 mod keepalive;
 pub mod poll;
+pub mod pressure;
 pub mod splice;
 pub mod stats;
 pub mod tcp;

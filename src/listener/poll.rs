@@ -20,6 +20,8 @@
 //! poll only ever takes time that would otherwise be idle on that CPU.
 //!
 //! Never on one CPU: a poll there would hold the CPU the awaited client or server must run on.
+//! Nor while the node's CPUs are crowded, other tasks waiting for one ([`super::pressure`]):
+//! there is no idle time then for a poll to fill.
 //! The limit is `pollBeforeSleep` ([`set_limit`]; `0s` turns polling off).
 
 use std::cell::{Cell, RefCell};
@@ -179,6 +181,8 @@ struct Worker {
     /// The poller, while it waits for the next wake-up.
     poller: Option<Waker>,
     counts: Arc<Counts>,
+    /// Whether the CPUs are crowded now ([`super::pressure::crowded`]; tests give their own).
+    crowded: fn(Instant) -> bool,
 }
 
 thread_local! {
@@ -206,8 +210,14 @@ pub(crate) fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs a runtime from [`worker_runtime`] on the calling thread, for the life of the process,
-/// with its poller, which counts into `counts`.
+/// with its poller, which counts into `counts`; it does not poll while the CPUs are crowded
+/// ([`super::pressure`]).
 pub(crate) fn run_worker(rt: tokio::runtime::Runtime, counts: Arc<Counts>) {
+    run_worker_with(rt, counts, super::pressure::crowded);
+}
+
+/// [`run_worker`], with `crowded` saying whether the CPUs are crowded.
+fn run_worker_with(rt: tokio::runtime::Runtime, counts: Arc<Counts>, crowded: fn(Instant) -> bool) {
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
             window: Window::default(),
@@ -216,6 +226,7 @@ pub(crate) fn run_worker(rt: tokio::runtime::Runtime, counts: Arc<Counts>) {
             parked_at: None,
             poller: None,
             counts,
+            crowded,
         })
     });
     // A spawned task, not the `block_on` future: waking that one writes the runtime's eventfd,
@@ -238,7 +249,7 @@ fn unparked() {
             w.window
                 .missed(now.saturating_duration_since(began), limit());
         }
-        if w.window.get().is_zero() || !w.cpus.many(now) {
+        if w.window.get().is_zero() || !w.cpus.many(now) || (w.crowded)(now) {
             return None;
         }
         w.poller.take()
@@ -367,7 +378,10 @@ mod tests {
 
     /// A worker thread like the proxy's (optionally held to one CPU), its thread id and what
     /// its polls came to.
-    fn worker(one_cpu: bool) -> (tokio::runtime::Handle, i32, Arc<Counts>) {
+    fn worker(
+        one_cpu: bool,
+        crowded: fn(Instant) -> bool,
+    ) -> (tokio::runtime::Handle, i32, Arc<Counts>) {
         let rt = worker_runtime().unwrap();
         let handle = rt.handle().clone();
         let counts = Arc::new(Counts::default());
@@ -387,7 +401,7 @@ mod tests {
                     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
                 }
                 tx.send(nix::unistd::gettid().as_raw()).unwrap();
-                run_worker(rt, theirs);
+                run_worker_with(rt, theirs, crowded);
             })
             .unwrap();
         (handle, rx.recv().unwrap(), counts)
@@ -458,7 +472,8 @@ mod tests {
             return;
         }
         set_limit(MAX_TEST_LIMIT);
-        let (rt, tid, counts) = worker(false);
+        // CPUs never crowded: other tests load them meanwhile.
+        let (rt, tid, counts) = worker(false, |_| false);
         let mut c = proxied_echo(&rt);
         let sleeps = sleeps_per_request(&mut c, tid, 3_000);
         assert!(sleeps < 1.0, "{sleeps} sleeps a request while polling");
@@ -486,7 +501,26 @@ mod tests {
     #[test]
     fn a_worker_on_one_cpu_never_polls() {
         set_limit(MAX_TEST_LIMIT);
-        let (rt, tid, counts) = worker(true);
+        let (rt, tid, counts) = worker(true, |_| false);
+        let mut c = proxied_echo(&rt);
+        sleeps_per_request(&mut c, tid, 3_000);
+        assert_eq!(
+            counts.get(),
+            (0, 0),
+            "neither caught nor missed: no poll ran"
+        );
+    }
+
+    /// A worker whose CPUs are crowded never polls either, though it may use more than one: a
+    /// poll would take time that the tasks waiting for a CPU want ([`super::super::pressure`]).
+    #[test]
+    fn a_worker_on_crowded_cpus_never_polls() {
+        if cpus_now().unwrap_or(1) < 2 {
+            eprintln!("SKIPPED: this process may use one CPU, where no worker polls anyway");
+            return;
+        }
+        set_limit(MAX_TEST_LIMIT);
+        let (rt, tid, counts) = worker(false, |_| true);
         let mut c = proxied_echo(&rt);
         sleeps_per_request(&mut c, tid, 3_000);
         assert_eq!(

@@ -362,6 +362,9 @@ pub(crate) struct Loop {
     cpus: Cpus,
     /// How long it polls before it sleeps ([`poll`]).
     window: poll::Window,
+    /// Whether the CPUs are crowded now, when it would poll ([`super::pressure::crowded`];
+    /// tests give their own).
+    crowded: fn(Instant) -> bool,
 }
 
 impl Loop {
@@ -378,6 +381,7 @@ impl Loop {
             unwatched: Vec::new(),
             cpus: Cpus::new(),
             window: poll::Window::default(),
+            crowded: super::pressure::crowded,
         }
     }
 
@@ -437,7 +441,11 @@ impl Loop {
             return self.epoll_wait(events, timeout);
         }
         let window = self.window.get();
-        if !window.is_zero() && self.crew.cpus.load(Ordering::Relaxed) > 1 {
+        // `idle_since` is when the loop ran out of work, just now: the clock need not be read.
+        if !window.is_zero()
+            && self.crew.cpus.load(Ordering::Relaxed) > 1
+            && !(self.crowded)(idle_since)
+        {
             loop {
                 let n = self.epoll_wait(events, EpollTimeout::ZERO);
                 if n > 0 {
@@ -902,9 +910,10 @@ mod tests {
     /// the service's address, and closing the port closes the front.
     /// A loop with its window open takes what is waiting at its first poll (counted as caught)
     /// and, when nothing comes, polls out its window, sleeps, and shrinks the window after that
-    /// long idle stretch (counted as missed); a loop that may use one CPU never polls.
+    /// long idle stretch (counted as missed); a loop whose CPUs are crowded, or that may use
+    /// one CPU, never polls.
     #[test]
-    fn a_loop_polls_before_it_sleeps_unless_it_has_one_cpu() {
+    fn a_loop_polls_before_it_sleeps_unless_its_cpus_are_crowded_or_one() {
         poll::set_limit(Duration::from_millis(1));
         let Pair {
             loops: [mut lp, _other],
@@ -912,6 +921,8 @@ mod tests {
             port,
             ..
         } = two_loops();
+        // Other tests load the CPUs meanwhile: this loop is told when they count as crowded.
+        lp.crowded = |_| false;
         let key = port_key(&lp);
         let service = port.sock.local_addr().unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -939,11 +950,23 @@ mod tests {
         assert_eq!(lp.mailbox.polls.get(), (1, 1));
         assert_eq!(lp.window.get(), Duration::from_micros(500));
 
-        crew.cpus.store(1, Ordering::Relaxed);
+        // Crowded CPUs: another client's datagram (the first one's now go to its session's
+        // front) is waited for without a poll.
+        lp.crowded = |_| true;
         open(&mut lp);
-        // Another client: the first one's datagrams now go to its session's front.
         let second = UdpSocket::bind("127.0.0.1:0").unwrap();
         second.send_to(b"ping", service).unwrap();
+        readable(&port.sock);
+        assert!(lp.wait(&mut events, five_s, Instant::now()) > 0);
+        assert_eq!(lp.mailbox.polls.get(), (1, 1), "no poll on crowded CPUs");
+        serve_all(&mut lp, key);
+        while lp.epoll_wait(&mut events, EpollTimeout::ZERO) > 0 {}
+
+        lp.crowded = |_| false;
+        crew.cpus.store(1, Ordering::Relaxed);
+        open(&mut lp);
+        let third = UdpSocket::bind("127.0.0.1:0").unwrap();
+        third.send_to(b"ping", service).unwrap();
         readable(&port.sock);
         assert!(lp.wait(&mut events, five_s, Instant::now()) > 0);
         assert_eq!(lp.mailbox.polls.get(), (1, 1), "no poll on one CPU");
