@@ -500,8 +500,13 @@ mod tests {
     /// threads, a preempted worker often finds its reply waiting and does not sleep.)
     #[test]
     fn a_worker_on_one_cpu_never_polls() {
+        assert_never_polls(true, |_| false);
+    }
+
+    /// Runs 3,000 requests through a worker made by [`worker`] and checks that no poll ran.
+    fn assert_never_polls(one_cpu: bool, crowded: fn(Instant) -> bool) {
         set_limit(MAX_TEST_LIMIT);
-        let (rt, tid, counts) = worker(true, |_| false);
+        let (rt, tid, counts) = worker(one_cpu, crowded);
         let mut c = proxied_echo(&rt);
         sleeps_per_request(&mut c, tid, 3_000);
         assert_eq!(
@@ -519,15 +524,7 @@ mod tests {
             eprintln!("SKIPPED: this process may use one CPU, where no worker polls anyway");
             return;
         }
-        set_limit(MAX_TEST_LIMIT);
-        let (rt, tid, counts) = worker(false, |_| true);
-        let mut c = proxied_echo(&rt);
-        sleeps_per_request(&mut c, tid, 3_000);
-        assert_eq!(
-            counts.get(),
-            (0, 0),
-            "neither caught nor missed: no poll ran"
-        );
+        assert_never_polls(false, |_| true);
     }
 
     /// The longest window the config allows; tests use it so a loaded machine's slow replies

@@ -71,14 +71,26 @@ struct Monitor {
 fn monitor() -> &'static Monitor {
     static MONITOR: OnceLock<Monitor> = OnceLock::new();
     MONITOR.get_or_init(|| {
+        // Opening succeeds with `psi=0`; reading then fails, so a file is kept only if it reads.
         let file = File::open("/proc/pressure/cpu")
-            .and_then(|f| {
-                // Opening succeeds with `psi=0`; reading then fails.
-                let mut buf = [0u8; 256];
-                f.read_at(&mut buf, 0).map(|_| f)
-            })
-            .map_err(|e| debug!(error = %e, "no CPU pressure information: polling before sleeping is never held off"))
-            .ok();
+            .ok()
+            .filter(|f| read_total(f).is_some());
+        if file.is_none() {
+            debug!("no CPU pressure information: polling before sleeping is never held off");
+        }
+        Monitor::new(file)
+    })
+}
+
+/// The `some` stall total now, read afresh from the open pressure file.
+fn read_total(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 256];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    some_total_us(std::str::from_utf8(&buf[..n]).ok()?)
+}
+
+impl Monitor {
+    fn new(file: Option<File>) -> Monitor {
         Monitor {
             file,
             epoch: Instant::now(),
@@ -87,20 +99,6 @@ fn monitor() -> &'static Monitor {
             crowded: AtomicBool::new(false),
             crowded_checks: AtomicU64::new(0),
         }
-    })
-}
-
-impl Monitor {
-    fn check(&self, file: &File, now: Instant) {
-        let mut buf = [0u8; 256];
-        let Some(total) = file
-            .read_at(&mut buf, 0)
-            .ok()
-            .and_then(|n| some_total_us(std::str::from_utf8(&buf[..n]).ok()?))
-        else {
-            return;
-        };
-        self.update(total, now);
     }
 
     /// Takes a reading: the stall total `total` at `now`.
@@ -139,7 +137,9 @@ pub(crate) fn crowded(now: Instant) -> bool {
             )
             .is_ok()
     {
-        m.check(file, now);
+        if let Some(total) = read_total(file) {
+            m.update(total, now);
+        }
     }
     m.crowded.load(Ordering::Relaxed)
 }
@@ -192,22 +192,11 @@ mod tests {
         assert!(!crowded_between((1_000, t0), (90_000, t0)));
     }
 
-    fn bare() -> Monitor {
-        Monitor {
-            file: None,
-            epoch: Instant::now(),
-            next_check: AtomicU64::new(0),
-            last: Mutex::new(None),
-            crowded: AtomicBool::new(false),
-            crowded_checks: AtomicU64::new(0),
-        }
-    }
-
     /// Readings 100 ms apart: the first says nothing, a crowded interval sets it and counts,
     /// and the next quiet interval clears it.
     #[test]
     fn a_crowded_interval_holds_polling_off_until_a_quiet_one() {
-        let m = bare();
+        let m = Monitor::new(None);
         let t = |ms| m.epoch + Duration::from_millis(ms);
         m.update(0, t(0));
         assert!(!m.crowded.load(Ordering::Relaxed));
