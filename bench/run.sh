@@ -35,7 +35,7 @@ CP_SIZES=${CP_SIZES:-"1000 10000"}
 
 if [ "$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces)" >&2; exit 1; fi
 need=()
-for t in ip:iproute2 iptables:iptables iperf3:iperf3 haproxy:haproxy nginx:nginx socat:socat jq:jq bc:bc; do
+for t in ip:iproute2 iptables:iptables conntrack:conntrack iperf3:iperf3 haproxy:haproxy nginx:nginx socat:socat jq:jq bc:bc; do
   command -v "${t%%:*}" >/dev/null || need+=("${t##*:}")
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
@@ -89,6 +89,21 @@ inns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 # --- servers ---
 inns "$SV" iperf3 -s -D -p 5201 >/dev/null
 inns "$SV" bash -c "ulimit -n $(ulimit -Hn); exec $LG serve --tcp 10.10.2.2:9000 --udp 10.10.2.2:9001 --secs 3600" &
+SERVE_PID=$!   # ip netns exec and bash both exec: this is the server itself
+# The server runs a thread per TCP connection. After the memory rows close their ~10,000
+# connections, those threads take a second or more of CPU to exit, and a row started meanwhile
+# measures their exit: the first connection of the control-plane rows waited 290 to 390 ms for
+# its echo, and programming 1,000 ports took 0.53 to 0.91 s instead of 0.25. Rows after a
+# teardown wait until only the server's few standing threads remain (bounded: 60 s).
+server_settled() {
+  local n
+  for _ in $(seq 1 1200); do
+    n=$(awk '/^Threads:/ {print $2}' "/proc/$SERVE_PID/status" 2>/dev/null || echo 0)
+    [ "${n:-0}" -le 8 ] && return
+    sleep 0.05
+  done
+  echo "   (the server still runs $n threads after 60 s; going on)" >&2
+}
 
 # --- the proxy and the peers, all in the node namespace ---
 cat > "$WORK/proxy.yaml" <<EOF
@@ -382,12 +397,14 @@ for t in "${TARGETS[@]}"; do
   echo "   $name: $held held ($errors errors), RSS $m0 -> $m1 KiB"
   exec {HOLD[1]}>&-
   wait "$HOLD_PID" 2>/dev/null || true
+  server_settled
 done
 
 }  # ONLY_CONN
 fi  # ONLY_CP
 
 echo "== control plane: programming N service ports from the file"
+server_settled
 ip -n "$CP" link set lo up
 ip link add upbp0 netns "$CP" type veth peer name upbp1 netns "$SV"
 ip -n "$CP" addr add 10.10.3.1/24 dev upbp0; ip -n "$CP" link set upbp0 up
@@ -405,14 +422,18 @@ last_opened() { seq 1 "$1" | LC_ALL=C sort | tail -1; }
 # waits until every service address in $1 (space-separated) answers, and prints how many
 # seconds that took.
 start_and_time() {
-  local targets=$1 log=$2 t0 t1 t ok
+  local targets=$1 log=$2 t0 t1 t ok probes=${2%.log}.probes.log
   shift 2
+  : >"$probes"
   t0=$(date +%s.%N)
   inns "$CP" bash -c "ulimit -n $(ulimit -Hn); exec $BIN $*" >/dev/null 2>"$log" &
   for _ in $(seq 1 1200); do
     ok=1
     for t in $targets; do
-      inns "$CP" "$LG" rr --target "$t" --count 1 --connect-ms 50 >/dev/null 2>&1 || { ok=; break; }
+      # Each attempt's start (s after t0), target and outcome, to tell later where the time went.
+      printf '%s %s ' "$(echo "$(date +%s.%N) - $t0" | bc)" "$t" >>"$probes"
+      inns "$CP" "$LG" rr --target "$t" --count 1 --connect-ms 50 >>"$probes" 2>&1 \
+        && echo ok >>"$probes" || { echo failed >>"$probes"; ok=; break; }
     done
     [ -n "$ok" ] && break
     sleep 0.05
