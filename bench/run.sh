@@ -45,6 +45,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Which code the figures belong to, recorded before the build: the report names it, so that a
+# results.md read later says what it measured.
+BENCH_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git diff --quiet HEAD -- src examples bench/run.sh Cargo.toml Cargo.lock 2>/dev/null; then
+  BENCH_REV="$BENCH_REV with uncommitted changes"
+fi
+export BENCH_REV BENCH_STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
+
 echo "== building (release)"
 cargo build --release --quiet --bin userspace-proxy --example loadgen --example benchreport --example fakeapi
 BIN=$PWD/target/release/userspace-proxy

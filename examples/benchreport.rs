@@ -225,6 +225,14 @@ fn main() {
     let get = |t: &str, m: &str| stats.get(&(t.to_string(), m.to_string())).copied();
 
     let mut md = String::from("# Benchmark results\n\n");
+    // Set by bench/run.sh; a report rebuilt by hand from a raw.tsv says it does not know.
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| "unknown".into());
+    let _ = writeln!(
+        md,
+        "Code: {}. Started: {}.\n",
+        env("BENCH_REV"),
+        env("BENCH_STARTED")
+    );
     let _ = writeln!(
         md,
         "Median of the repetitions, with min–max in brackets. Ratios: performance relative to direct (`×direct`) and to the best peer that supports the row (`×best peer`), oriented so that **> 1 is better** (for latency, CPU, loss and memory the ratio is inverted). Machine: {} cores; client, proxy and server share them.\n\nRows marked *guest halt polling on* repeat the request/response rounds with the guest kernel's halt polling at its default window (`guest_halt_poll_ns=200000`; these machines ship it at 0). With it off, every wake-up of an idle vCPU costs a halt exit and an inter-processor interrupt (about 25 µs here), so the plain latency rows count how many of a request's four wake-ups the scheduler happened to place on the other vCPU; with it on, they measure the proxies. Every target gets the same setting in the same run.\n\nRows marked *all on one CPU* repeat them (halt polling as shipped) with the client, the proxies and the server pinned to CPU 0: no wake-up crosses vCPUs, so the figure is the work on the request's path, without the scheduler's placement.\n\nThe column *bind portal* is userspace-proxy again with `portalMode: bind` (the service IP on `lo`, no netfilter on the path), beside the main column's NAT portal (PREROUTING REDIRECT), so the price of the NAT is visible on its own. The column *nginx, NAT portal* is the same nginx reached the way the main column is, through a service IP that PREROUTING REDIRECTs to it, and `×nginx NAT` compares the main column with it: like with like, since a peer put in front of a Kubernetes service needs such a rule too.\n\nThe rows *machine CPU per connection* and *proxy user / system CPU per connection* are the profile of the connection-rate row, from the same runs: what the whole machine (client, server, proxy and the kernel's network path, NAT included) spent per connection, from `/proc/stat`, and the proxy's own time, from its `/proc/<pid>/stat`.\n",

@@ -44,6 +44,14 @@ fn guard(target: &SocketAddr) {
     }
 }
 
+/// Ends the run with one line naming what failed, rather than a panic: the bench keeps a
+/// loadgen's stderr in its logs (a readiness probe's in `cp-*.probes.log`), where a backtrace
+/// would bury the cause.
+fn fail(what: &str, target: &SocketAddr, e: std::io::Error) -> ! {
+    eprintln!("loadgen: {what} {target}: {e}");
+    std::process::exit(1);
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -109,19 +117,22 @@ fn rr(target: SocketAddr, m: &HashMap<String, String>) {
     let count = get(m, "count", 20_000usize).min(1_000_000);
     let size = get(m, "size", 100usize);
     let connect = Duration::from_millis(get(m, "connect-ms", 3000u64));
-    let mut s = TcpStream::connect_timeout(&target, connect).expect("connect");
-    s.set_nodelay(true).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut s = TcpStream::connect_timeout(&target, connect)
+        .unwrap_or_else(|e| fail("connect to", &target, e));
+    s.set_nodelay(true)
+        .and_then(|()| s.set_read_timeout(Some(Duration::from_secs(3))))
+        .unwrap_or_else(|e| fail("set options on the connection to", &target, e));
     let msg = vec![7u8; size];
     let mut buf = vec![0u8; size];
     for _ in 0..count / 10 {
-        exchange(&mut s, &msg, &mut buf).expect("warm-up exchange");
+        exchange(&mut s, &msg, &mut buf)
+            .unwrap_or_else(|e| fail("warm-up exchange with", &target, e));
     }
     let mut lat = Vec::with_capacity(count);
     let start = Instant::now();
     for _ in 0..count {
         let t = Instant::now();
-        exchange(&mut s, &msg, &mut buf).expect("exchange");
+        exchange(&mut s, &msg, &mut buf).unwrap_or_else(|e| fail("exchange with", &target, e));
         lat.push(t.elapsed().as_nanos() as u64);
     }
     let secs = start.elapsed().as_secs_f64();
@@ -176,20 +187,29 @@ fn crr(target: SocketAddr, m: &HashMap<String, String>) {
     );
 }
 
+/// A UDP socket connected to `target` whose receives time out after `timeout`.
+fn udp_socket(target: &SocketAddr, timeout: Duration) -> UdpSocket {
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.set_read_timeout(Some(timeout))?;
+            s.connect(target)?;
+            Ok(s)
+        })
+        .unwrap_or_else(|e| fail("open a UDP socket to", target, e))
+}
+
 fn udp_rr(target: SocketAddr, m: &HashMap<String, String>) {
     let count = get(m, "count", 20_000usize).min(1_000_000);
     let size = get(m, "size", 100usize);
-    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    s.connect(target).unwrap();
+    let s = udp_socket(&target, Duration::from_millis(200));
     let msg = vec![5u8; size];
     let mut buf = vec![0u8; 65_536];
     let (mut lat, mut lost, mut silent) = (Vec::with_capacity(count), 0u64, 0u32);
     for i in 0..count + count / 10 {
         let t = Instant::now();
-        s.send(&msg).unwrap();
-        match s.recv(&mut buf) {
+        // A send refused by an earlier ICMP error counts as a lost request, as a failed
+        // receive does.
+        match s.send(&msg).and_then(|_| s.recv(&mut buf)) {
             Ok(_) => {
                 silent = 0;
                 if i >= count / 10 {
@@ -219,11 +239,10 @@ fn udp_flood(target: SocketAddr, m: &HashMap<String, String>) {
     let secs = get(m, "secs", 3u64).min(60);
     let size = get(m, "size", 100usize);
     let pps = get(m, "pps", 0u64);
-    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.connect(target).unwrap();
-    let r = s.try_clone().unwrap();
-    r.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let s = udp_socket(&target, Duration::from_millis(100));
+    let r = s
+        .try_clone()
+        .unwrap_or_else(|e| fail("clone the socket for", &target, e));
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (rc, st) = (received.clone(), stop.clone());
