@@ -47,9 +47,11 @@ fi
 
 # Which code the figures belong to, recorded before the build: the report names it, so that a
 # results.md read later says what it measured.
-BENCH_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if ! git diff --quiet HEAD -- src examples bench/run.sh Cargo.toml Cargo.lock 2>/dev/null; then
-  BENCH_REV="$BENCH_REV with uncommitted changes"
+if BENCH_REV=$(git rev-parse --short HEAD 2>/dev/null); then
+  git diff --quiet HEAD -- src examples bench/run.sh Cargo.toml Cargo.lock ||
+    BENCH_REV="$BENCH_REV with uncommitted changes"
+else
+  BENCH_REV=unknown  # not a git checkout
 fi
 export BENCH_REV BENCH_STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
 
