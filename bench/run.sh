@@ -17,6 +17,7 @@
 # the second set of latency rounds, with guest halt polling at the kernel default), PIN_ROUNDS=0
 # (skip the third, with every party on CPU 0),
 # CONN_ROUNDS (interleaved connection-rate rounds, default 9), ONLY_CONN=1 (those rounds only),
+# SCHED_ROUNDS (connection rounds under `perf sched record` per target, default 1; 0 skips them),
 # ONLY_TARGETS (e.g. "direct userspace-proxy haproxy"), ONLY_CP=1 (control plane only),
 # CP_SIZES (control-plane service counts, default "1000 10000"), ADD_REPS (one-more-service
 # measurements per size, default 3).
@@ -30,6 +31,7 @@ IDLE_CONNS=${IDLE_CONNS:-9900}
 RR_ROUNDS=${RR_ROUNDS:-9}
 ADD_REPS=${ADD_REPS:-3}
 CONN_ROUNDS=${CONN_ROUNDS:-9}
+SCHED_ROUNDS=${SCHED_ROUNDS:-1}
 CP_SIZES=${CP_SIZES:-"1000 10000"}
 [ -z "${ONLY_CONN:-}" ] || CP_SIZES=""
 
@@ -39,6 +41,7 @@ for t in ip:iproute2 iptables:iptables conntrack:conntrack iperf3:iperf3 haproxy
   command -v "${t%%:*}" >/dev/null || need+=("${t##*:}")
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+[ "$SCHED_ROUNDS" = 0 ] || command -v perf >/dev/null || need+=(linux-perf)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -56,11 +59,12 @@ fi
 export BENCH_REV BENCH_STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
 
 echo "== building (release)"
-cargo build --release --quiet --bin userspace-proxy --example loadgen --example benchreport --example fakeapi
+cargo build --release --quiet --bin userspace-proxy --example loadgen --example benchreport --example fakeapi --example schedprofile
 BIN=$PWD/target/release/userspace-proxy
 LG=$PWD/target/release/examples/loadgen
 REPORT=$PWD/target/release/examples/benchreport
 FAKEAPI=$PWD/target/release/examples/fakeapi
+SCHEDPROF=$PWD/target/release/examples/schedprofile
 OUT=$PWD/bench/results
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -245,6 +249,8 @@ cpu_of() {
   read -r u s < <(cpu_split_of "$1")
   echo "scale=3; ($u + $s) / $TCK" | bc
 }
+# Idle CPU ticks of the whole machine (idle and iowait).
+machine_idle() { awk '/^cpu /{print $5+$6}' /proc/stat; }
 # Busy CPU ticks of the whole machine (every CPU, every process, interrupts included).
 machine_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 # Resident memory in KiB of every process named $1 in the node ns.
@@ -352,10 +358,12 @@ latency_rounds() {
 # nginx; 10 interleaved rounds outside the bench the same hour gave 0.94).
 conn_once() {
   local round=$1 name=$2 echo_addr=$3 proc=$5 r cps u0 s0 u1 s1 m0 m1
-  read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy)
+  read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy); i0=$(machine_idle)
   r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
-  read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy)
+  read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy); i1=$(machine_idle)
   cps=$(json "$r" cps)
+  # The share of the machine's CPU time left idle: what the rate lost beyond the CPU spent.
+  rec "$name" crr_idle_share "$(echo "scale=4; ($i1 - $i0) / ($i1 - $i0 + $m1 - $m0)" | bc)" "$round"
   rec "$name" crr_cps "$cps" "$round"; rec "$name" crr_p99_us "$(json "$r" p99_us)" "$round"
   # The profile of a connection: what the whole machine spends on one (client, server, proxy
   # and the kernel's network path, NAT included), and the proxy's own user and system time, in
@@ -368,6 +376,37 @@ conn_once() {
   fi
 }
 interleaved "$CONN_ROUNDS" connection-rate conn_once
+
+# The scheduler's profile of a connection round (examples/schedprofile.rs), in rounds of their
+# own, since tracing slows every party: 2 s of `perf sched record` in the middle of a 4 s round.
+# It says where the idle share above comes from: on these VMs a vCPU with nothing to run halts,
+# and a task woken onto it waits until the host runs that vCPU again, while the CPU counts as
+# idle. The proxy's threads are every thread of its processes (and, for socat, any thread so
+# named: it forks per connection).
+sched_once() {
+  local round=$1 name=$2 echo_addr=$3 proc=$5 tids="" pid lg cps r k data=$WORK/sched.data
+  if [ "$proc" != - ]; then
+    for pid in $(ip netns pids "$ND"); do
+      [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$proc" ] || continue
+      tids+="$(ls /proc/$pid/task | paste -sd, -),"
+    done
+  fi
+  inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4 >"$WORK/sched.crr" &
+  lg=$!
+  sleep 1
+  perf sched record -q -o "$data" -- sleep 2 >/dev/null 2>&1 || echo "   perf sched record failed for $name" >&2
+  wait "$lg"
+  cps=$(json "$(cat "$WORK/sched.crr")" cps)
+  if r=$(perf script -F cpu,time,event,trace -i "$data" 2>/dev/null | "$SCHEDPROF" --cps "$cps" --tids "$tids" --comm "$proc"); then
+    for k in idle_share idle_waiting_share idle_wakes_per_conn idle_wake_p50_us idle_wake_p90_us proxy_share proxy_wakes_per_conn proxy_wait_us; do
+      [ "$proc" != - ] || [ "${k#proxy_}" = "$k" ] || continue   # the direct path has no proxy
+      rec "$name" "sched_$k" "$(json "$r" "$k")" "$round"
+    done
+    rec "$name" sched_crr_cps "$cps" "$round"
+  fi
+  rm -f "$data" "$data.old"
+}
+[ "$SCHED_ROUNDS" = 0 ] || interleaved "$SCHED_ROUNDS" "connection-rate under perf sched" sched_once
 [ -n "${ONLY_CONN:-}" ] || {
 CLIENT_PIN=""
 latency_rounds ""

@@ -100,6 +100,46 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("idle_kib_per_conn", "RSS per idle connection (KiB)", false),
 ];
 
+/// The scheduler's profile of the connection rounds (bench/run.sh `sched_once`,
+/// examples/schedprofile.rs): why a rate can fall short by more than the CPU per connection
+/// does. Shown without ratios: none of these is a merit in itself. (metric, label)
+const SCHEDULE: &[(&str, &str)] = &[
+    (
+        "crr_idle_share",
+        "machine CPU time left idle, every connection-rate round (fraction)",
+    ),
+    (
+        "sched_crr_cps",
+        "connection rate of the profiled round (conn/s; tracing slows every party)",
+    ),
+    ("sched_idle_share", "CPU time idle (fraction)"),
+    (
+        "sched_idle_waiting_share",
+        "CPU time idle while a task woken onto that CPU had not run yet (fraction)",
+    ),
+    (
+        "sched_idle_wakes_per_conn",
+        "wake-ups onto an idle CPU, per connection",
+    ),
+    (
+        "sched_idle_wake_p50_us",
+        "their wait until the task ran, p50 (µs)",
+    ),
+    ("sched_idle_wake_p90_us", "the same, p90 (µs)"),
+    (
+        "sched_proxy_share",
+        "the proxy's threads' share of the CPU time (fraction)",
+    ),
+    (
+        "sched_proxy_wakes_per_conn",
+        "wake-ups of the proxy's threads, per connection",
+    ),
+    (
+        "sched_proxy_wait_us",
+        "a woken proxy thread's mean wait for a CPU (µs)",
+    ),
+];
+
 const CHART: &[&str] = &[
     "tcp_bulk_1_gbps",
     "tcp_bulk_8_gbps",
@@ -291,6 +331,35 @@ fn main() {
             })
             .collect();
         json_rows.push(format!("\"{metric}\":{{{}}}", row.join(",")));
+    }
+    let scheduled: Vec<&str> = TARGETS
+        .iter()
+        .copied()
+        .filter(|t| SCHEDULE.iter().any(|(m, _)| get(t, m).is_some()))
+        .collect();
+    if !scheduled.is_empty() {
+        md.push_str("\n## The connection rounds, as the scheduler saw them\n\nOn these VMs a vCPU with nothing to run halts, and a task woken onto it waits until the host runs that vCPU again, while the CPU counts as idle: so a connection rate can fall short of another by more than its CPU per connection does. The first row is from every connection-rate round (`/proc/stat`); the others from rounds of their own under `perf sched record` (2 s in the middle of a 4 s round), replayed by `examples/schedprofile.rs`.\n\n");
+        let _ = writeln!(md, "| measure | {} |", scheduled.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(scheduled.len()));
+        for (metric, label) in SCHEDULE {
+            let cells: Vec<String> = scheduled
+                .iter()
+                .map(|t| get(t, metric).map_or_else(|| "–".into(), cell))
+                .collect();
+            let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
+            let row: Vec<String> = scheduled
+                .iter()
+                .filter_map(|t| {
+                    get(t, metric).map(|s| {
+                        format!(
+                            "\"{t}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
+                            s.median, s.min, s.max
+                        )
+                    })
+                })
+                .collect();
+            json_rows.push(format!("\"{metric}\":{{{}}}", row.join(",")));
+        }
     }
     if !extra.is_empty() {
         md.push_str("\n## Control plane (userspace-proxy)\n\n| measure | value |\n|---|---|\n");
