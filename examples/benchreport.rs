@@ -319,18 +319,7 @@ fn main() {
             vs_peer(get(BIND, metric)),
             cell(NGINX_NAT),
         );
-        let row: Vec<String> = TARGETS
-            .iter()
-            .filter_map(|t| {
-                get(t, metric).map(|s| {
-                    format!(
-                        "\"{t}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
-                        s.median, s.min, s.max
-                    )
-                })
-            })
-            .collect();
-        json_rows.push(format!("\"{metric}\":{{{}}}", row.join(",")));
+        json_rows.push(json_row(metric, &TARGETS, &get));
     }
     let scheduled: Vec<&str> = TARGETS
         .iter()
@@ -347,18 +336,7 @@ fn main() {
                 .map(|t| get(t, metric).map_or_else(|| "–".into(), cell))
                 .collect();
             let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
-            let row: Vec<String> = scheduled
-                .iter()
-                .filter_map(|t| {
-                    get(t, metric).map(|s| {
-                        format!(
-                            "\"{t}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
-                            s.median, s.min, s.max
-                        )
-                    })
-                })
-                .collect();
-            json_rows.push(format!("\"{metric}\":{{{}}}", row.join(",")));
+            json_rows.push(json_row(metric, &scheduled, &get));
         }
     }
     if !extra.is_empty() {
@@ -371,13 +349,7 @@ fn main() {
             "\"control_plane\":{{{}}}",
             extra
                 .iter()
-                .map(|(k, v)| {
-                    let s = stat(v.clone());
-                    format!(
-                        "\"{k}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
-                        s.median, s.min, s.max
-                    )
-                })
+                .map(|(k, v)| json_stat(k, stat(v.clone())))
                 .collect::<Vec<_>>()
                 .join(",")
         ));
@@ -389,6 +361,23 @@ fn main() {
     )
     .expect("write results.json");
     std::fs::write(out.join("chart.svg"), chart(&get)).expect("write chart.svg");
+}
+
+/// `"name":{"median":…,"min":…,"max":…}`.
+fn json_stat(name: &str, s: Stat) -> String {
+    format!(
+        "\"{name}\":{{\"median\":{},\"min\":{},\"max\":{}}}",
+        s.median, s.min, s.max
+    )
+}
+
+/// One metric's JSON entry: its stats for each of `targets` that has it.
+fn json_row(metric: &str, targets: &[&str], get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
+    let row: Vec<String> = targets
+        .iter()
+        .filter_map(|t| get(t, metric).map(|s| json_stat(t, s)))
+        .collect();
+    format!("\"{metric}\":{{{}}}", row.join(","))
 }
 
 fn chart(get: &dyn Fn(&str, &str) -> Option<Stat>) -> String {
