@@ -231,13 +231,19 @@ TARGETS=(
 )
 
 TCK=$(getconf CLK_TCK)
+# The pids of every process named $1 in the node ns.
+pids_of() {
+  local pid
+  for pid in $(ip netns pids "$ND"); do
+    [ "$(cat /proc/$pid/comm 2>/dev/null)" != "$1" ] || echo "$pid"
+  done
+}
 # User and system CPU ticks (including reaped children) of every process named $1 in the node
 # ns, as "user sys".
 cpu_split_of() {
   [ "$1" = - ] && { echo "0 0"; return; }
   local u=0 s=0 pid pu ps
-  for pid in $(ip netns pids "$ND"); do
-    [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
+  for pid in $(pids_of "$1"); do
     read -r pu ps < <(awk '{print $14+$16, $15+$17}' /proc/$pid/stat 2>/dev/null || echo "0 0")
     u=$((u + pu)); s=$((s + ps))
   done
@@ -256,8 +262,7 @@ machine_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 # Resident memory in KiB of every process named $1 in the node ns.
 rss_of() {
   local total=0 pid
-  for pid in $(ip netns pids "$ND"); do
-    [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$1" ] || continue
+  for pid in $(pids_of "$1"); do
     total=$((total + $(awk '/VmRSS/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)))
   done
   echo $total
@@ -357,7 +362,7 @@ latency_rounds() {
 # neighbours fell on one target's whole row (in the run at ad99117 ours came out at 0.71 of
 # nginx; 10 interleaved rounds outside the bench the same hour gave 0.94).
 conn_once() {
-  local round=$1 name=$2 echo_addr=$3 proc=$5 r cps u0 s0 u1 s1 m0 m1
+  local round=$1 name=$2 echo_addr=$3 proc=$5 r cps u0 s0 u1 s1 m0 m1 i0 i1
   read -r u0 s0 < <(cpu_split_of "$proc"); m0=$(machine_busy); i0=$(machine_idle)
   r=$(inns "$CL" "$LG" crr --target "$echo_addr" --secs 4 --conc 4)
   read -r u1 s1 < <(cpu_split_of "$proc"); m1=$(machine_busy); i1=$(machine_idle)
@@ -386,8 +391,7 @@ interleaved "$CONN_ROUNDS" connection-rate conn_once
 sched_once() {
   local round=$1 name=$2 echo_addr=$3 proc=$5 tids="" pid lg cps r k data=$WORK/sched.data
   if [ "$proc" != - ]; then
-    for pid in $(ip netns pids "$ND"); do
-      [ "$(cat /proc/$pid/comm 2>/dev/null)" = "$proc" ] || continue
+    for pid in $(pids_of "$proc"); do
       tids+="$(ls /proc/$pid/task | paste -sd, -),"
     done
   fi
