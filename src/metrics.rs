@@ -157,7 +157,7 @@ pub fn render(st: &Status) -> String {
     udp_loops(&mut out, &crate::listener::udp_loop_status());
 
     type Field = fn(&Stats) -> &std::sync::atomic::AtomicU64;
-    let families: [(&str, &str, &str, Field); 10] = [
+    let families: [(&str, &str, &str, Field); 11] = [
         (
             "userspace_proxy_connections_active",
             "gauge",
@@ -205,6 +205,12 @@ pub fn render(st: &Status) -> String {
             "counter",
             "Accept errors, including running out of descriptors",
             |s| &s.accept_errors,
+        ),
+        (
+            "userspace_proxy_tcp_accept_loops",
+            "gauge",
+            "Event loops accepting a TCP port's connections (every loop once the port is busy)",
+            |s| &s.accept_loops,
         ),
         (
             "userspace_proxy_udp_sessions_active",

@@ -276,3 +276,63 @@ async fn a_lasting_connection_gets_keepalive_on_its_backend_side() {
     drop(client);
     proxy.stop().await;
 }
+
+/// A port that takes more than 64 connections within a second is busy, and from then on every
+/// event loop accepts it, each through a descriptor of its own for the listening socket. It
+/// goes on serving, and removing it closes the socket in every loop.
+#[tokio::test]
+async fn a_busy_port_is_accepted_by_every_event_loop_and_closes_in_all() {
+    let cancel = CancellationToken::new();
+    let a = tcp_backend("a", cancel.clone()).await;
+    let text = format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", &[a])
+    );
+    let proxy = Proxy::start(&text).await;
+    let addr = proxy.wait_port("web", "http").await;
+    let stats = proxy.port_status("web", "http").unwrap().stats.unwrap();
+    let loops = userspace_proxy::listener::worker_status().len() as u64;
+    assert_eq!(stats.accept_loops.load(Ordering::Relaxed), 1);
+    // Bursts of back-to-back connections until every loop accepts the port (bounded: 2,000).
+    let mut served = 0;
+    for _ in 0..20 {
+        for _ in 0..100 {
+            assert_eq!(tcp_hello(addr).await.as_deref(), Some("a"));
+            served += 1;
+        }
+        if stats.accept_loops.load(Ordering::Relaxed) == loops {
+            break;
+        }
+    }
+    if loops > 1 {
+        assert_eq!(
+            stats.accept_loops.load(Ordering::Relaxed),
+            loops,
+            "every event loop accepts the port after {served} connections"
+        );
+    } else {
+        eprintln!("one CPU: a busy port has no other event loop to go to");
+    }
+    let hellos = futures::future::join_all((0..64).map(|_| tcp_hello(addr))).await;
+    assert!(
+        hellos.iter().all(|h| h.as_deref() == Some("a")),
+        "{hellos:?}"
+    );
+    assert_eq!(stats.connections_total.load(Ordering::Relaxed), served + 64);
+    proxy.rewrite(&header(""));
+    eventually(
+        Duration::from_secs(5),
+        "the port's socket closed in every event loop",
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "no accept loop left", || {
+        let n = stats.accept_loops.load(Ordering::Relaxed);
+        async move { n == 0 }
+    })
+    .await;
+    proxy.stop().await;
+    cancel.cancel();
+}

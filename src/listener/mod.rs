@@ -11,6 +11,7 @@
 //! UDP datagrams are moved by the UDP loops ([`udp_loops`]); a UDP listener's task on the
 //! tracker watches its tokens and ends once every loop has let go of the port.
 
+mod exclusive;
 mod gso;
 mod keepalive;
 pub mod poll;
@@ -259,15 +260,13 @@ pub fn spawn(
             }
             let listener = tokio::net::TcpListener::from_std(socket.into())?;
             let local = listener.local_addr()?;
-            let serve = tcp::accept_loop(
-                listener,
-                home,
-                shared.clone(),
-                tracker.clone(),
-                accept.clone(),
-                kill.clone(),
-            );
-            tracker.spawn_on(serve, worker);
+            let port = tcp::Port {
+                shared: shared.clone(),
+                tracker: tracker.clone(),
+                accept: accept.clone(),
+                kill: kill.clone(),
+            };
+            tracker.spawn_on(tcp::accept_loop(listener, home, port, true), worker);
             local
         }
         Protocol::Udp => {

@@ -22,6 +22,9 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Accept errors (including running out of file descriptors).
     pub accept_errors: AtomicU64,
+    /// Event loops accepting this TCP port's connections now: one, or every worker's once the
+    /// port is busy (`src/listener/exclusive.rs`).
+    pub accept_loops: AtomicU64,
     /// UDP sessions open now.
     pub udp_sessions_active: AtomicU64,
     /// UDP datagrams dropped (session table full, send buffer full, no endpoints).

@@ -10,10 +10,11 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 use socket2::{SockRef, TcpKeepalive};
@@ -34,58 +35,158 @@ pub(crate) const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Longest pause of the accept loop when descriptors run out.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// A port that accepts this many connections within [`BUSY_WINDOW`] is busy: from then on every
+/// worker accepts it, not only the one it was given to ([`super::exclusive`]).
+pub(crate) const BUSY_ACCEPTS: u32 = 64;
+
+/// See [`BUSY_ACCEPTS`].
+pub(crate) const BUSY_WINDOW: Duration = Duration::from_secs(1);
+
+/// Tells when a port's accept loop has become busy, from its accepts in windows of
+/// [`BUSY_ACCEPTS`]: the clock is read twice a window, not on every accept.
+#[derive(Debug, Default)]
+pub(crate) struct Busy {
+    count: u32,
+    since: Option<Instant>,
+}
+
+impl Busy {
+    /// Counts one accept; `now` reads the clock. True once a window's [`BUSY_ACCEPTS`] accepts
+    /// took at most [`BUSY_WINDOW`].
+    pub(crate) fn accepted(&mut self, now: impl Fn() -> Instant) -> bool {
+        if self.count == 0 {
+            self.since = Some(now());
+        }
+        self.count += 1;
+        if self.count < BUSY_ACCEPTS {
+            return false;
+        }
+        self.count = 0;
+        self.since
+            .take()
+            .is_some_and(|s| now().saturating_duration_since(s) <= BUSY_WINDOW)
+    }
+}
+
+/// What every accept loop of one TCP port shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Port {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) tracker: TaskTracker,
+    /// Cancelled when the port is removed: every accept loop of it ends, and with the last
+    /// one its socket closes.
+    pub(crate) accept: CancellationToken,
+    pub(crate) kill: CancellationToken,
+}
+
 /// Accepts until `accept` is cancelled. Resource exhaustion pauses with backoff instead of
-/// spinning or crashing.
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    home: usize,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-    accept: CancellationToken,
-    kill: CancellationToken,
-) {
+/// spinning or crashing. On the worker the port was given to (`first`), a port that turns out
+/// busy is then accepted by every worker ([`share`]).
+pub(crate) async fn accept_loop(listener: TcpListener, home: usize, port: Port, first: bool) {
+    Stats::add(&port.shared.stats.accept_loops, 1);
+    let mut busy = first.then(Busy::default);
     let mut backoff = Duration::from_millis(5);
     loop {
         let res = tokio::select! {
             biased;
-            _ = accept.cancelled() => break,
+            _ = port.accept.cancelled() => break,
             r = listener.accept() => r,
         };
         match res {
             Ok((stream, peer)) => {
                 super::poll::progress();
                 backoff = Duration::from_millis(5);
-                let (shared, kill) = (shared.clone(), kill.clone());
+                let (shared, kill) = (port.shared.clone(), port.kill.clone());
                 match workers().assign(home) {
                     (None, load) => {
                         // Boxed: the connection's future is 864 bytes, and tokio moves a
                         // task's future several times while spawning it. Measured with
                         // callgrind: 12,356 instructions per connection unboxed, 11,388 boxed
                         // (memcpy 1,276 -> 257).
-                        tracker.spawn(Box::pin(serve(stream, peer, shared, kill, load)));
+                        port.tracker
+                            .spawn(Box::pin(serve(stream, peer, shared, kill, load)));
                     }
                     (Some(worker), load) => {
-                        hand_over(stream, peer, shared, kill, load, &tracker, worker);
+                        hand_over(stream, peer, shared, kill, load, &port.tracker, worker);
                     }
+                }
+                if busy.as_mut().is_some_and(|b| b.accepted(Instant::now)) {
+                    share(&listener, home, &port);
+                    busy = None;
                 }
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                Stats::add(&shared.stats.accept_errors, 1);
-                warn!(service = %shared.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed: out of descriptors or memory; pausing");
+                Stats::add(&port.shared.stats.accept_errors, 1);
+                warn!(service = %port.shared.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed: out of descriptors or memory; pausing");
                 tokio::select! {
-                    _ = accept.cancelled() => break,
+                    _ = port.accept.cancelled() => break,
                     _ = timers::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
             }
             Err(e) => {
                 // ECONNABORTED and friends: the client gave up before we accepted it.
-                Stats::add(&shared.stats.accept_errors, 1);
-                debug!(service = %shared.name, error = %e, "accept failed");
+                Stats::add(&port.shared.stats.accept_errors, 1);
+                debug!(service = %port.shared.name, error = %e, "accept failed");
             }
         }
     }
-    debug!(service = %shared.name, "listener closed");
+    Stats::dec(&port.shared.stats.accept_loops);
+    debug!(service = %port.shared.name, worker = home, "accept loop ended");
+}
+
+/// Has every worker accept a busy port: each other worker gets a descriptor of its own for the
+/// same listening socket, in its own reactor, and every registration of the socket is made
+/// exclusive, so that a new connection wakes one worker that sleeps rather than all
+/// ([`super::exclusive`] says why and how). Each extra descriptor counts against a budget
+/// ([`super::exclusive::reserve`]); without room, or if a registration cannot be changed, the
+/// port stays with its worker.
+fn share(listener: &TcpListener, home: usize, port: &Port) {
+    let ws = workers();
+    if !ws.can_share() {
+        return;
+    }
+    if let Err(e) = ws.make_exclusive(home, listener.as_fd()) {
+        warn!(service = %port.shared.name, error = %e, "cannot register a busy port exclusively: one event loop accepts it");
+        return;
+    }
+    let mut joined = 0;
+    for there in (0..ws.len()).filter(|&w| w != home) {
+        let Some(reserved) = super::exclusive::reserve() else {
+            debug!(service = %port.shared.name, "descriptor budget for shared ports used up");
+            break;
+        };
+        let handle = ws.handle(there);
+        let listener = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::net::TcpListener::from)
+            .and_then(|l| {
+                let _enter = handle.enter();
+                TcpListener::from_std(l)
+            });
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(service = %port.shared.name, error = %e, "cannot give a busy port to another event loop");
+                break;
+            }
+        };
+        if let Err(e) = ws.make_exclusive(there, listener.as_fd()) {
+            warn!(service = %port.shared.name, worker = there, error = %e, "cannot register a busy port exclusively");
+            continue;
+        }
+        let port = port.clone();
+        port.tracker.clone().spawn_on(
+            async move {
+                let _reserved = reserved;
+                accept_loop(listener, there, port, false).await;
+            },
+            handle,
+        );
+        joined += 1;
+    }
+    debug!(service = %port.shared.name, joined, "busy port: accepted by more event loops");
 }
 
 /// Serves an accepted connection on another, less loaded worker: the socket leaves this
@@ -310,6 +411,23 @@ mod tests {
         assert_eq!(accepted.tcp_keepalive_time().unwrap(), KEEPALIVE);
         assert_eq!(accepted.tcp_keepalive_interval().unwrap(), KEEPALIVE);
         assert_eq!(accepted.tcp_keepalive_retries().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_port_is_busy_once_a_window_of_accepts_fits_in_the_busy_window() {
+        let t0 = Instant::now();
+        let at = |ms: u64| move || t0 + Duration::from_millis(ms);
+        let mut b = Busy::default();
+        // A slow window: 64 accepts over 2 s.
+        for _ in 0..BUSY_ACCEPTS - 1 {
+            assert!(!b.accepted(at(0)));
+        }
+        assert!(!b.accepted(at(2_000)));
+        // The next window starts afresh and fits in the busy window.
+        for _ in 0..BUSY_ACCEPTS - 1 {
+            assert!(!b.accepted(at(2_100)));
+        }
+        assert!(b.accepted(at(2_100 + BUSY_WINDOW.as_millis() as u64)));
     }
 
     #[tokio::test]

@@ -10,16 +10,19 @@
 //!
 //! These threads carry TCP only; UDP has loops of its own ([`super::udp_loops`]).
 //!
-//! How work is spread: each service port has one socket, given to the workers in turn. A TCP
-//! connection is served by the worker that accepted it unless that worker already serves [`SLACK`] or more connections
-//! than the least loaded one; then it is handed to that one (as HAProxy's threads pass accepted
-//! connections to the least loaded thread). So a lone request/response connection never
-//! crosses threads, and one busy port still spreads over every core.
+//! How work is spread: each service port has one socket, given to the workers in turn, and a
+//! port that turns busy is then accepted by every worker, each woken alone for a new
+//! connection ([`super::exclusive`]). A TCP connection is served by the worker that accepted it
+//! unless that worker already serves [`SLACK`] or more connections than the least loaded one;
+//! then it is handed to that one (as HAProxy's threads pass accepted connections to the least
+//! loaded thread). So a lone request/response connection never crosses threads, and one busy
+//! port spreads over every core.
 //!
 //! Not one socket per worker in a `SO_REUSEPORT` group, which would spread a port in the
 //! kernel: that multiplies the listening sockets by the CPU count, and 10,000 service ports on
 //! 2 CPUs then need 20,000 descriptors, past the 20,000 `RLIMIT_NOFILE` these hosts allow
-//! (measured: programming 10,000 ports went from 1 s to 190 s, waiting out `EMFILE`).
+//! (measured: programming 10,000 ports went from 1 s to 190 s, waiting out `EMFILE`). Busy
+//! ports shared between workers hold such extra descriptors too, within a budget.
 //!
 //! The threads live as long as the process; each listener's tasks stop with its tokens. Their
 //! runtimes have no timer driver: the few timers their tasks need are on a thread of their own
@@ -31,6 +34,12 @@ use std::sync::{Arc, OnceLock};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
+use std::os::fd::BorrowedFd;
+
+use nix::sys::epoll::Epoll;
+use tracing::warn;
+
+use super::exclusive;
 use super::keepalive::Pending;
 use super::poll;
 
@@ -53,6 +62,9 @@ struct Worker {
     connections: AtomicUsize,
     /// Connections other workers accepted and handed to this one.
     taken: AtomicU64,
+    /// Its runtime's epoll instance ([`super::exclusive`]), found at start when there is more
+    /// than one worker; `None` if it could not be found.
+    reactor: Option<Epoll>,
 }
 
 /// What the metrics show of one worker.
@@ -121,6 +133,16 @@ impl Drop for Load {
     }
 }
 
+/// Worker `i`'s epoll instance, or `None` (logged): its ports are then accepted by it alone.
+/// Found while the process has few descriptors, since finding it reads every one.
+fn find_reactor(i: usize, handle: &Handle) -> Option<Epoll> {
+    exclusive::reactor_of(handle)
+        .inspect_err(|e| {
+            warn!(worker = i, error = %e, "cannot reach the worker's epoll instance: each TCP port is accepted by one event loop");
+        })
+        .ok()
+}
+
 impl Workers {
     fn start(n: usize) -> Workers {
         let workers = (0..n.max(1))
@@ -134,6 +156,7 @@ impl Workers {
                 // only one: a process on one CPU must not hold it.
                 let rt = poll::worker_runtime().expect("data-plane runtime");
                 let handle = rt.handle().clone();
+                let reactor = (n > 1).then(|| find_reactor(i, &handle)).flatten();
                 let polls = Arc::new(poll::Counts::default());
                 let counts = polls.clone();
                 std::thread::Builder::new()
@@ -152,6 +175,7 @@ impl Workers {
                     keepalive: Pending::default(),
                     connections: AtomicUsize::new(0),
                     taken: AtomicU64::new(0),
+                    reactor,
                 }
             })
             .collect();
@@ -165,6 +189,33 @@ impl Workers {
     pub(crate) fn next(&self) -> (usize, &Handle) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         (i, &self.workers[i].handle)
+    }
+
+    /// How many workers there are.
+    pub(crate) fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Worker `i`'s runtime.
+    pub(crate) fn handle(&self, i: usize) -> &Handle {
+        &self.workers[i].handle
+    }
+
+    /// Whether every worker's reactor was found, so that a port can be accepted by all of them
+    /// ([`super::exclusive`]).
+    pub(crate) fn can_share(&self) -> bool {
+        self.workers.len() > 1 && self.workers.iter().all(|w| w.reactor.is_some())
+    }
+
+    /// Makes `fd`'s registration with worker `i`'s reactor exclusive ([`super::exclusive`]).
+    pub(crate) fn make_exclusive(&self, i: usize, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        match &self.workers[i].reactor {
+            Some(epoll) => exclusive::make_exclusive(epoll, fd),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the worker's epoll instance is not known",
+            )),
+        }
     }
 
     /// Where a connection accepted by worker `home` is served ([`place`]): `None` for `home`
