@@ -10,7 +10,7 @@
 //! alternating pairs of `ONLY_CONN=1` runs (9 rounds each against nginx; `UP_NOSHARE` switched
 //! it off for the other run of each pair, a patch not kept): the median per-round ratio to
 //! nginx's rate went from 0.915-0.933 to 0.941-0.976, higher in every pair, with the idle share
-//! at nginx's (4.8 to 6.7%); proxy CPU per connection rose from 1.05 to 1.12-1.16 times
+//! at nginx's (4.3 to 6.7%); proxy CPU per connection rose from 1.00-1.06 to 1.08-1.16 times
 //! nginx's, since each loop now sleeps and wakes about once a connection, as nginx's workers
 //! do. The same descriptor in both reactors without the flag (measured earlier) woke both loops
 //! for every connection and cost more CPU than it filled.
