@@ -14,12 +14,7 @@ async fn add_change_and_remove_services_by_editing_the_file() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
     let b = tcp_backend("b", cancel.clone()).await;
-    let base = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[a])
-    );
+    let base = web_http(&[a]);
     let proxy = Proxy::start(&base).await;
     let web = proxy.wait_port("web", "http").await;
     assert_eq!(tcp_hello(web).await.as_deref(), Some("a"));
@@ -99,12 +94,7 @@ async fn add_change_and_remove_services_by_editing_the_file() {
 async fn a_broken_reload_is_refused_and_the_last_good_state_serves() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
-    let good = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[a])
-    );
+    let good = web_http(&[a]);
     let proxy = Proxy::start(&good).await;
     let web = proxy.wait_port("web", "http").await;
 

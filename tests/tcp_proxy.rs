@@ -18,12 +18,7 @@ async fn round_robin_spreads_evenly_over_three_backends() {
     let a = tcp_backend("a", cancel.clone()).await;
     let b = tcp_backend("b", cancel.clone()).await;
     let c = tcp_backend("c", cancel.clone()).await;
-    let text = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[a, b, c])
-    );
+    let text = web_http(&[a, b, c]);
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("web", "http").await;
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -47,12 +42,7 @@ async fn dial_retries_past_a_refusing_endpoint() {
     let cancel = CancellationToken::new();
     let live = tcp_backend("live", cancel.clone()).await;
     let dead = refusing_addr().await;
-    let text = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[dead, live])
-    );
+    let text = web_http(&[dead, live]);
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("web", "http").await;
     for _ in 0..6 {
@@ -92,12 +82,7 @@ async fn no_endpoints_closes_the_client_at_once() {
 async fn half_close_reaches_the_backend_and_replies_still_flow() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
-    let text = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[a])
-    );
+    let text = web_http(&[a]);
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("web", "http").await;
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -155,12 +140,7 @@ async fn client_ip_affinity_pins_to_one_backend() {
 async fn many_connections_open_at_once_all_relay() {
     let cancel = CancellationToken::new();
     let echo = tcp_backend("e", cancel.clone()).await;
-    let text = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[echo])
-    );
+    let text = web_http(&[echo]);
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("web", "http").await;
     let mut conns = Vec::new();
@@ -240,12 +220,7 @@ fn tcp_timer(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<
 async fn a_lasting_connection_gets_keepalive_on_its_backend_side() {
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_addr = backend.local_addr().unwrap();
-    let text = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[backend_addr])
-    );
+    let text = web_http(&[backend_addr]);
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("web", "http").await;
     let client = TcpStream::connect(addr)
@@ -284,12 +259,7 @@ async fn a_lasting_connection_gets_keepalive_on_its_backend_side() {
 async fn a_busy_port_is_accepted_by_every_event_loop_and_closes_in_all() {
     let cancel = CancellationToken::new();
     let a = tcp_backend("a", cancel.clone()).await;
-    let text = format!(
-        "{}{}{}",
-        header(""),
-        service("web", "", &["http:80"]),
-        slice("web", "http", "TCP", &[a])
-    );
+    let text = web_http(&[a]);
     let proxy = Proxy::start(&text).await;
     let addr = proxy.wait_port("web", "http").await;
     let stats = proxy.port_status("web", "http").unwrap().stats.unwrap();

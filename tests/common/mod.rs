@@ -135,6 +135,16 @@ pub fn service(name: &str, extra_spec: &str, ports: &[&str]) -> String {
     format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{extra_spec}  ports:\n{}", ports.join(""))
 }
 
+/// A config with one service, `web`, whose TCP port `http` (80) goes to `backends`.
+pub fn web_http(backends: &[SocketAddr]) -> String {
+    format!(
+        "{}{}{}",
+        header(""),
+        service("web", "", &["http:80"]),
+        slice("web", "http", "TCP", backends)
+    )
+}
+
 /// EndpointSlice documents for `service`: one slice per backend (loopback backends differ in
 /// port, and a slice has one port per name), merged by the proxy as a cluster's slices are.
 pub fn slice(service: &str, port_name: &str, protocol: &str, addrs: &[SocketAddr]) -> String {
