@@ -5,7 +5,7 @@
 //!
 //! Why: a port accepted by one event loop queues its new connections on that loop while the
 //! other CPUs' loops sleep. On these 2-vCPU guests, with halt polling off, that left 9.5 to
-//! 10.9% of the machine idle in the bench's connection rounds (nginx: 4.5 to 6.0%), most of it a
+//! 10.9% of the machine idle in the bench's connection rounds (nginx: 3.6 to 6.2%), most of it a
 //! halted vCPU coming back for a task woken onto it. Accepted by both loops this way, 7
 //! alternating pairs of `ONLY_CONN=1` runs (9 rounds each against nginx; `UP_NOSHARE` switched
 //! it off for the other run of each pair, a patch not kept): the median per-round ratio to
@@ -29,6 +29,13 @@
 //! waiter as woken only when a thread sleeps in that very instance's `epoll_wait`. Where any of
 //! this is refused (no `/proc`, a seccomp profile without `pidfd_getfd`), each port stays with
 //! one worker, as before.
+//!
+//! What it costs, once per port that turns busy: the kernel writes an instance's fdinfo under
+//! that instance's mutex, one line per registration, so reading it holds up the worker's own
+//! `epoll_wait` and `epoll_ctl` meanwhile. Measured with a current-thread runtime holding 50,
+//! 500 and 5,000 registrations: 0.08, 1.2 and 8 ms per read, and a port is shared with two
+//! reads (its worker's instance and the other's, on 2 CPUs). The key cannot be had any other
+//! way: tokio does not expose it.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -150,17 +157,21 @@ pub(crate) fn reactor_of(handle: &Handle) -> io::Result<Epoll> {
     ))
 }
 
+/// `fd`'s registration in `epoll`, as the kernel lists it.
+fn registered(epoll: &Epoll, fd: BorrowedFd<'_>) -> io::Result<Registration> {
+    let (n, ino) = target(fd)?;
+    registration(&fdinfo(epoll.0.as_raw_fd())?, n, ino).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "the listener is not registered with this reactor",
+        )
+    })
+}
+
 /// Replaces `fd`'s registration in `epoll` by an exclusive one with the same key. On failure
 /// the registration is as it was.
 pub(crate) fn make_exclusive(epoll: &Epoll, fd: BorrowedFd<'_>) -> io::Result<()> {
-    let (n, ino) = target(fd)?;
-    let info = fdinfo(epoll.0.as_raw_fd())?;
-    let Some(reg) = registration(&info, n, ino) else {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "the listener is not registered with this reactor",
-        ));
-    };
+    let reg = registered(epoll, fd)?;
     epoll.delete(fd)?;
     let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLET | EpollFlags::EPOLLEXCLUSIVE;
     if let Err(e) = epoll.add(fd, EpollEvent::new(exclusive, reg.data)) {
@@ -174,13 +185,7 @@ pub(crate) fn make_exclusive(epoll: &Epoll, fd: BorrowedFd<'_>) -> io::Result<()
 /// Whether `fd` is registered in `epoll` exclusively.
 #[cfg(test)]
 pub(crate) fn is_exclusive(epoll: &Epoll, fd: BorrowedFd<'_>) -> bool {
-    let Ok((n, ino)) = target(fd) else {
-        return false;
-    };
-    fdinfo(epoll.0.as_raw_fd())
-        .ok()
-        .and_then(|info| registration(&info, n, ino))
-        .is_some_and(|r| r.events & (EpollFlags::EPOLLEXCLUSIVE.bits() as u32) != 0)
+    registered(epoll, fd).is_ok_and(|r| r.events & (EpollFlags::EPOLLEXCLUSIVE.bits() as u32) != 0)
 }
 
 #[cfg(test)]
@@ -215,11 +220,6 @@ mod tests {
         );
         assert_eq!(registration("tfd: 1 events: 1 data: 2", 1, 1), None);
     }
-}
-
-#[cfg(test)]
-mod live {
-    use super::*;
 
     #[test]
     fn a_listener_registered_by_tokio_becomes_exclusive_and_still_accepts() {

@@ -28,15 +28,13 @@
 //! runtimes have no timer driver: the few timers their tasks need are on a thread of their own
 //! ([`super::timers`], which says why).
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use nix::sys::epoll::Epoll;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
-
-use std::os::fd::BorrowedFd;
-
-use nix::sys::epoll::Epoll;
 use tracing::warn;
 
 use super::exclusive;
